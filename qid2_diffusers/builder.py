@@ -1,0 +1,32 @@
+"""Assemble a fresh (untrained) QID² pipeline from a preset."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import DirectionEncoder, build_unet
+from .models.unet import PRESETS
+from .pipelines import QID2Pipeline
+from .schedulers import training_scheduler
+
+__all__ = ["build_pipeline"]
+
+
+def build_pipeline(
+    preset: str = "small",
+    num_references: int = 3,
+    prediction_type: str = "v_prediction",
+    seed: int | None = 0,
+    default_num_inference_steps: int = 1000,
+) -> QID2Pipeline:
+    """A randomly initialised pipeline; ``seed`` makes the initial weights reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    unet = build_unet(preset, num_references)
+    encoder = DirectionEncoder(num_references=num_references, embed_dim=PRESETS[preset]["cross_attention_dim"])
+    return QID2Pipeline(
+        unet=unet,
+        direction_encoder=encoder,
+        scheduler=training_scheduler(prediction_type),
+        default_num_inference_steps=default_num_inference_steps,
+    )

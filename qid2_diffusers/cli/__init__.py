@@ -1,0 +1,65 @@
+"""The ``qid2`` command line.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` and a
+``run(args)``; errors the user can fix are raised as :class:`QID2InputError`
+and printed as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import QID2InputError
+
+__all__ = ["main", "build_parser"]
+
+#: Subcommand modules, in the order ``qid2 --help`` lists them.
+SUBCOMMANDS = ["phantom", "upsample", "evaluate", "benchmark", "push"]
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        # A subcommand whose module has not been written yet is simply absent.
+        if exc.name == f"{__name__}.{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="qid2",
+        description="Q-space up-sampling of diffusion MRI with QID² (image-conditioned diffusion).",
+    )
+    parser.add_argument("--version", action="version", version=f"qid2-diffusers {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = _load(name)
+        if module is not None:
+            module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.run(args) or 0)
+    except QID2InputError as exc:
+        print(f"qid2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qid2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

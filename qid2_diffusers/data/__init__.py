@@ -1,0 +1,1 @@
+"""Reading, writing, simulating and sampling diffusion MRI data."""

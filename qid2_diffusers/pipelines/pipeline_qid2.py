@@ -1,0 +1,277 @@
+"""QID2Pipeline: sample a target-direction DWI slice from R reference slices."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.direction_encoder import DirectionEncoder
+from ..models.unet import num_references_of
+from ..normalization import denormalize, normalize, reference_scale
+
+__all__ = ["QID2Pipeline", "QID2PipelineOutput", "pad_to_multiple"]
+
+#: Slices are padded to at least this size (per side) before the U-Net, so
+#: crops smaller than its receptive field, like 6x8 real-scanner crops, still
+#: pass through every level.
+MIN_SIZE = 16
+
+
+@dataclass
+class QID2PipelineOutput(BaseOutput):
+    """Output of :class:`QID2Pipeline`.
+
+    Args:
+        images (`np.ndarray` or `torch.Tensor` of shape `(B, H, W)`):
+            generated target slices in the references' intensity units (the
+            mean over samples when ``num_samples > 1``).
+        samples (`np.ndarray` or `torch.Tensor` of shape `(B, S, H, W)`):
+            every sample, when ``num_samples > 1``; otherwise `None`.
+        std (`np.ndarray` or `torch.Tensor` of shape `(B, H, W)`):
+            per-pixel standard deviation over samples (an uncertainty map)
+            when ``num_samples > 1``; otherwise `None`.
+    """
+
+    images: np.ndarray | torch.Tensor
+    samples: np.ndarray | torch.Tensor | None = None
+    std: np.ndarray | torch.Tensor | None = None
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, min_size: int = MIN_SIZE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the last two axes up to a multiple of ``multiple`` and at least ``min_size``.
+
+    Reflection keeps the padded border looking like tissue or background
+    rather than inventing an edge; inputs too small to reflect are replicated.
+    Returns the padded tensor and the original ``(H, W)`` to crop back to.
+    """
+    h, w = x.shape[-2:]
+    th = max(min_size, -(-h // multiple) * multiple)
+    tw = max(min_size, -(-w // multiple) * multiple)
+    ph, pw = th - h, tw - w
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    mode = "reflect" if max(pad[0], pad[1]) < w and max(pad[2], pad[3]) < h else "replicate"
+    return F.pad(x, pad, mode=mode), (h, w)
+
+
+def _crop(x: torch.Tensor, padded: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = size
+    top = (padded.shape[-2] - h) // 2
+    left = (padded.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if not torch.is_floating_point(t):
+        t = t.float()
+    if not torch.all(torch.isfinite(t)):
+        raise ValueError(f"{name} contain NaN or Inf")
+    return t
+
+
+class QID2Pipeline(DiffusionPipeline):
+    r"""Pipeline for q-space up-sampling of diffusion MRI with QID².
+
+    For each target gradient direction the model denoises a target slice while
+    seeing the R acquired slices whose directions are nearest to it (input
+    channels) and the directions themselves (cross-attention tokens).
+
+    Args:
+        unet ([`UNet2DConditionModel`]): the denoiser, ``in_channels = 1 + R``.
+        direction_encoder ([`DirectionEncoder`]): turns directions into R + 1 tokens.
+        scheduler ([`SchedulerMixin`]): any diffusers scheduler compatible
+            with DDPM training, e.g. [`DDPMScheduler`], [`DDIMScheduler`],
+            [`DPMSolverMultistepScheduler`], [`UniPCMultistepScheduler`].
+        default_num_inference_steps (`int`, *optional*, defaults to 1000):
+            steps used when a call does not say.
+
+    Example:
+
+    ```py
+    >>> from qid2_diffusers import QID2Pipeline
+    >>> pipe = QID2Pipeline.from_pretrained(QID2Pipeline.default_model_path())  # doctest: +SKIP
+    >>> out = pipe(reference_images, reference_bvecs, target_bvecs, generator=torch.manual_seed(0))  # doctest: +SKIP
+    >>> out.images.shape  # doctest: +SKIP
+    (1, 145, 174)
+    ```
+    """
+
+    model_cpu_offload_seq = "direction_encoder->unet"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        direction_encoder: DirectionEncoder,
+        scheduler: SchedulerMixin,
+        default_num_inference_steps: int = 1000,
+    ):
+        super().__init__()
+        if direction_encoder.config.num_references != num_references_of(unet):
+            raise ValueError(
+                f"direction encoder is for R = {direction_encoder.config.num_references} "
+                f"but the U-Net takes R = {num_references_of(unet)} reference channels"
+            )
+        self.register_modules(unet=unet, direction_encoder=direction_encoder, scheduler=scheduler)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+
+    @property
+    def num_references(self) -> int:
+        """R, the number of reference slices this model was trained with."""
+        return num_references_of(self.unet)
+
+    @staticmethod
+    def default_model_path(num_references: int = 3) -> str:
+        """Folder of the weights shipped inside the package."""
+        from ..pretrained import default_model_path
+
+        return str(default_model_path(num_references))
+
+    def _prepare_inputs(self, reference_images, reference_bvecs, target_bvecs):
+        refs = _as_tensor(reference_images, "reference images")
+        if refs.ndim == 3:
+            refs = refs[None]
+        if refs.ndim != 4:
+            raise ValueError(
+                f"reference images must be (R, H, W) or (B, R, H, W) slices, got shape {tuple(refs.shape)}"
+            )
+        b, r = refs.shape[:2]
+        if r != self.num_references:
+            raise ValueError(f"this model takes R = {self.num_references} reference images, got {r}")
+        rb = _as_tensor(reference_bvecs, "reference b-vectors")
+        if rb.ndim == 2:
+            rb = rb[None].expand(b, -1, -1)
+        tb = _as_tensor(target_bvecs, "target b-vectors")
+        if tb.ndim == 1:
+            tb = tb[None].expand(b, -1)
+        if rb.shape != (b, r, 3):
+            raise ValueError(
+                f"got {r} reference images but reference b-vectors of shape {tuple(rb.shape)} "
+                f"(expected ({r}, 3) or ({b}, {r}, 3))"
+            )
+        if tb.shape != (b, 3):
+            raise ValueError(f"target b-vectors must be (3,) or ({b}, 3), got {tuple(tb.shape)}")
+        for name, v in (("reference", rb), ("target", tb)):
+            if torch.any(v.norm(dim=-1) < 1e-8):
+                raise ValueError(f"a {name} b-vector has zero length")
+        return refs, rb, tb
+
+    def prepare_extra_step_kwargs(self, generator, eta):
+        # Schedulers differ in signature; passing the generator to step() is
+        # what makes stochastic samplers (DDPM) reproducible from a seed.
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in params:
+            extra["eta"] = eta
+        if "generator" in params:
+            extra["generator"] = generator
+        return extra
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        reference_images,
+        reference_bvecs,
+        target_bvecs,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_samples: int = 1,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ) -> QID2PipelineOutput | tuple:
+        r"""Generate target-direction slices.
+
+        Args:
+            reference_images (`torch.Tensor` or `np.ndarray` of shape `(R, H, W)` or `(B, R, H, W)`):
+                the acquired slices nearest to each target, nearest first
+                (see :func:`qid2_diffusers.directions.nearest_references`), in
+                scanner units. Any in-plane size: padding is internal.
+            reference_bvecs (`array-like` of shape `(R, 3)` or `(B, R, 3)`): their directions.
+            target_bvecs (`array-like` of shape `(3,)` or `(B, 3)`): the directions to synthesise.
+            num_inference_steps (`int`, *optional*):
+                denoising steps; defaults to the pipeline's ``default_num_inference_steps``.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
+                for reproducibility; a list needs ``B * num_samples`` generators,
+                one per sample, which makes each sample independent of batching.
+            num_samples (`int`, *optional*, defaults to 1):
+                samples per target; their mean is returned with a std map.
+            eta (`float`, *optional*, defaults to 0.0): DDIM's eta; ignored by other schedulers.
+            latents (`torch.Tensor` of shape `(B * num_samples, 1, H', W')`, *optional*):
+                starting noise at the padded size, instead of drawing it.
+            output_type (`str`, *optional*, defaults to `"np"`): `"np"` or `"pt"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                return a [`QID2PipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                called as ``callback_on_step_end(pipe, step, timestep, {"latents": latents})``
+                after each step; may return a dict with new ``latents``.
+
+        Returns:
+            [`QID2PipelineOutput`] or `tuple` ``(images, samples, std)``.
+        """
+        if output_type not in ("np", "pt"):
+            raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        steps = num_inference_steps or self.config.default_num_inference_steps
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        refs, rb, tb = self._prepare_inputs(reference_images, reference_bvecs, target_bvecs)
+        b = refs.shape[0]
+        scale = reference_scale(refs).to(device)
+        refs_n = normalize(refs.to(device, torch.float32), scale)
+        multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        refs_n, size = pad_to_multiple(refs_n, multiple)
+        tokens = self.direction_encoder(tb.to(device), rb.to(device)).to(dtype)
+
+        # Each sample is its own batch row, so a batch of B targets with S
+        # samples is one network call per step.
+        s = num_samples
+        refs_n = refs_n.to(dtype).repeat_interleave(s, dim=0)
+        tokens = tokens.repeat_interleave(s, dim=0)
+        shape = (b * s, 1, *refs_n.shape[-2:])
+        if isinstance(generator, list) and len(generator) != b * s:
+            raise ValueError(f"got {len(generator)} generators for {b} targets x {s} samples")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+
+        self.scheduler.set_timesteps(steps, device=device)
+        extra = self.prepare_extra_step_kwargs(generator, eta)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_in = torch.cat([self.scheduler.scale_model_input(latents, t), refs_n], dim=1)
+            pred = self.unet(model_in, t, encoder_hidden_states=tokens).sample
+            latents = self.scheduler.step(pred, t, latents, **extra).prev_sample
+            if callback_on_step_end is not None:
+                out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = out.get("latents", latents)
+
+        x = _crop(latents.float(), refs_n, size)[:, 0]
+        x = denormalize(x[:, None], scale.repeat_interleave(s, dim=0))[:, 0]
+        # Diffusion-weighted signal is a magnitude: never below zero.
+        x = x.clamp_min(0.0).view(b, s, *size)
+        images = x.mean(dim=1)
+        samples = x if s > 1 else None
+        std = x.std(dim=1) if s > 1 else None
+        if output_type == "np":
+            images = images.cpu().numpy()
+            samples = samples.cpu().numpy() if samples is not None else None
+            std = std.cpu().numpy() if std is not None else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, samples, std
+        return QID2PipelineOutput(images=images, samples=samples, std=std)
