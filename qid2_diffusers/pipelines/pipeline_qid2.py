@@ -71,6 +71,8 @@ def _crop(x: torch.Tensor, padded: torch.Tensor, size: tuple[int, int]) -> torch
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, (list, tuple)) and len({tuple(np.shape(v)) for v in x}) > 1:
+        raise ValueError(f"{name} have different shapes: {sorted({tuple(np.shape(v)) for v in x})}")
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
     if not torch.is_floating_point(t):
         t = t.float()
