@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .directions import nearest_references, normalize_bvecs
 from .tensor import B0_THRESHOLD
 
-__all__ = ["VolumeUpsampler", "QID2Upsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
+__all__ = ["VolumeUpsampler", "SliceUpsampler", "QID2Upsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
 
 
 class VolumeUpsampler:
@@ -76,35 +76,41 @@ def sample_seed(seed: int, target_index: int, slice_index: int, sample_index: in
     return int(np.random.SeedSequence([seed, target_index, slice_index, sample_index]).generate_state(1)[0])
 
 
-class QID2Upsampler(VolumeUpsampler):
-    """Up-samples a volume slice by slice with a :class:`~qid2_diffusers.QID2Pipeline`.
+class SliceUpsampler(VolumeUpsampler):
+    """Base of the learned up-samplers that map R reference slices to one target slice.
 
-    Only slices containing brain are sampled, each cropped to the brain's
-    bounding box; (slice, target) pairs are batched together.
+    :meth:`predict` visits only slices containing brain, each cropped to the
+    brain's bounding box, and batches (slice, target) pairs; a subclass
+    supplies :meth:`predict_batch` and ``num_references``.
 
     Args:
-        pipeline ([`QID2Pipeline`]): the trained pipeline (scheduler already chosen).
-        num_inference_steps (`int`, *optional*): defaults to the pipeline's default.
-        num_samples (`int`, *optional*, defaults to 1): samples averaged per target.
         batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
-        seed (`int`, *optional*, defaults to 0): base seed.
+        seed (`int`, *optional*, defaults to 0): base seed of stochastic models.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over slices x targets.
     """
 
-    name = "qid2"
-
-    def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True):
-        self.pipeline = pipeline
-        self.num_inference_steps = num_inference_steps
-        self.num_samples = int(num_samples)
+    def __init__(self, *, batch_size=32, seed=0, progress=True):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.progress = progress
-        pipeline.set_progress_bar_config(disable=True)
 
     @property
     def num_references(self) -> int:
-        return self.pipeline.num_references
+        raise NotImplementedError
+
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys):
+        """Target slices for one batch, in the references' intensity units.
+
+        Args:
+            reference_images (`np.ndarray` of shape `(B, R, H, W)`): nearest first.
+            reference_bvecs (`np.ndarray` of shape `(B, R, 3)`), target_bvecs (`np.ndarray` of shape `(B, 3)`).
+            keys (`list` of `(int, int)`): (global target index, slice index) of
+                each row, from which a stochastic model draws its seeds.
+
+        Returns:
+            `tuple` ``(images (B, H, W), std (B, H, W) or None)``.
+        """
+        raise NotImplementedError
 
     def predict(self, data, bvals, bvecs, target_bvecs, mask=None, *, target_indices=None, return_std=False, axis=2):
         """See :meth:`VolumeUpsampler.predict`.
@@ -136,7 +142,7 @@ class QID2Upsampler(VolumeUpsampler):
         if mask.shape != shape[:3]:
             raise ValueError(f"mask shape {mask.shape} does not match the data's {shape[:3]}")
 
-        t_count, s = len(targets), self.num_samples
+        t_count = len(targets)
         out = np.zeros(shape[:3] + (t_count,), dtype=np.float32)
         std = np.zeros_like(out) if return_std else None
         bx, by = brain_bounding_box(mask)
@@ -145,35 +151,74 @@ class QID2Upsampler(VolumeUpsampler):
         loaded_z, slab = None, None
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
-            ref_imgs, gens = [], []
+            ref_imgs = []
             for z, t in batch:
                 if z != loaded_z:
                     # One read per slice: a lazy NIfTI proxy decodes only this slice.
                     slab = np.asarray(data[bx, by, z, :], dtype=np.float32)[..., dw]
                     loaded_z = z
                 ref_imgs.append(np.moveaxis(slab[..., refs[t]], -1, 0))
-                gens += [
-                    torch.Generator().manual_seed(sample_seed(self.seed, int(target_indices[t]), int(z), k))
-                    for k in range(s)
-                ]
             t_idx = np.array([t for _, t in batch])
-            result = self.pipeline(
+            images, images_std = self.predict_batch(
                 np.stack(ref_imgs),
                 acquired[refs[t_idx]],
                 targets[t_idx],
-                num_inference_steps=self.num_inference_steps,
-                generator=gens,
-                num_samples=s,
-                output_type="np",
+                [(int(target_indices[t]), int(z)) for z, t in batch],
             )
             for i, (z, t) in enumerate(batch):
                 m = mask[bx, by, z]
-                out[bx, by, z, t] = np.where(m, result.images[i], 0.0)
-                if return_std and result.std is not None:
-                    std[bx, by, z, t] = np.where(m, result.std[i], 0.0)
+                out[bx, by, z, t] = np.where(m, images[i], 0.0)
+                if return_std and images_std is not None:
+                    std[bx, by, z, t] = np.where(m, images_std[i], 0.0)
             bar.update(len(batch))
         bar.close()
         if axis != 2:
             out = np.moveaxis(out, 2, axis)
             std = None if std is None else np.moveaxis(std, 2, axis)
         return (out, std) if return_std else out
+
+
+class QID2Upsampler(SliceUpsampler):
+    """Up-samples a volume slice by slice with a :class:`~qid2_diffusers.QID2Pipeline`.
+
+    Only slices containing brain are sampled, each cropped to the brain's
+    bounding box; (slice, target) pairs are batched together.
+
+    Args:
+        pipeline ([`QID2Pipeline`]): the trained pipeline (scheduler already chosen).
+        num_inference_steps (`int`, *optional*): defaults to the pipeline's default.
+        num_samples (`int`, *optional*, defaults to 1): samples averaged per target.
+        batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
+        seed (`int`, *optional*, defaults to 0): base seed.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over slices x targets.
+    """
+
+    name = "qid2"
+
+    def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True):
+        super().__init__(batch_size=batch_size, seed=seed, progress=progress)
+        self.pipeline = pipeline
+        self.num_inference_steps = num_inference_steps
+        self.num_samples = int(num_samples)
+        pipeline.set_progress_bar_config(disable=True)
+
+    @property
+    def num_references(self) -> int:
+        return self.pipeline.num_references
+
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys):
+        gens = [
+            torch.Generator().manual_seed(sample_seed(self.seed, target_index, slice_index, k))
+            for target_index, slice_index in keys
+            for k in range(self.num_samples)
+        ]
+        result = self.pipeline(
+            reference_images,
+            reference_bvecs,
+            target_bvecs,
+            num_inference_steps=self.num_inference_steps,
+            generator=gens,
+            num_samples=self.num_samples,
+            output_type="np",
+        )
+        return result.images, result.std

@@ -40,3 +40,26 @@ def tiny_model_dir(tmp_path_factory, tiny_pipeline) -> Path:
     path = tmp_path_factory.mktemp("tiny-qid2")
     tiny_pipeline.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def training_cohort(tmp_path_factory) -> Path:
+    """Two tiny HCP-layout subjects for the training scripts: the four central
+    axial slices of one 2.5 mm phantom, cropped to the middle 24 x 24 voxels
+    (all brain), split into subjects of two slices each."""
+    from qid2_diffusers.data.io import save_dwi, save_nifti
+    from qid2_diffusers.data.phantom import make_subject
+
+    root = tmp_path_factory.mktemp("training-cohort")
+    s = make_subject(0, slab=4)
+    cx, cy = s.dwi.shape[0] // 2, s.dwi.shape[1] // 2
+    box = (slice(cx - 12, cx + 12), slice(cy - 12, cy + 12))
+    data, mask = np.asarray(s.dwi)[box], np.asarray(s.mask)[box]
+    for i, z in enumerate((slice(0, 2), slice(2, 4))):
+        folder = root / f"sub-{i:02d}" / "T1w" / "Diffusion"
+        folder.mkdir(parents=True)
+        save_dwi(folder / "data", data[:, :, z], s.bvals, s.bvecs, s.affine)
+        (folder / "data.bval").rename(folder / "bvals")
+        (folder / "data.bvec").rename(folder / "bvecs")
+        save_nifti(folder / "nodif_brain_mask.nii.gz", mask[:, :, z].astype(np.uint8), s.affine)
+    return root

@@ -242,21 +242,25 @@ class QID2Pipeline(DiffusionPipeline):
         # samples is one network call per step.
         s = num_samples
         refs_n = refs_n.to(dtype).repeat_interleave(s, dim=0)
+        if self.unet.device.type == "cuda":
+            refs_n = refs_n.contiguous(memory_format=torch.channels_last)
         tokens = tokens.repeat_interleave(s, dim=0)
         shape = (b * s, 1, *refs_n.shape[-2:])
         if isinstance(generator, list) and len(generator) != b * s:
             raise ValueError(f"got {len(generator)} generators for {b} targets x {s} samples")
+        # Latents and scheduler arithmetic stay in float32 whatever the
+        # network's dtype: a 1000-step DDPM chain in bf16 drifts visibly.
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
 
         self.scheduler.set_timesteps(steps, device=device)
         extra = self.prepare_extra_step_kwargs(generator, eta)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_in = torch.cat([self.scheduler.scale_model_input(latents, t), refs_n], dim=1)
-            pred = self.unet(model_in, t, encoder_hidden_states=tokens).sample
+            model_in = torch.cat([self.scheduler.scale_model_input(latents, t).to(dtype), refs_n], dim=1)
+            pred = self.unet(model_in, t, encoder_hidden_states=tokens).sample.float()
             latents = self.scheduler.step(pred, t, latents, **extra).prev_sample
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}

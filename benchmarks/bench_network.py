@@ -1,0 +1,87 @@
+"""Network cost: parameters, FLOPs and time per slice per network pass.
+
+    python benchmarks/bench_network.py                       # CPU, fp32, small + paper
+    python benchmarks/bench_network.py --device cuda --dtype bf16 --batch 256
+
+Prints one row per (preset, slice size): parameters, GFLOP per slice-pass
+(counted by torch's FlopCounterMode), ms per slice per pass, and on CUDA the
+achieved fraction of the GPU's dense bf16 peak (``--peak-tflops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from qid2_diffusers import build_pipeline
+from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def one_pass(pipe, batch, size, device, dtype):
+    r = pipe.num_references
+    x = torch.randn(batch, 1 + r, *size, device=device, dtype=dtype)
+    x, _ = pad_to_multiple(x, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    t = torch.full((batch,), 500, device=device)
+    tokens = pipe.direction_encoder(torch.randn(batch, 3, device=device), torch.randn(batch, r, 3, device=device)).to(dtype)
+    return lambda: pipe.unet(x, t, encoder_hidden_states=tokens).sample
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="small,paper")
+    ap.add_argument("--sizes", default="145x174,72x87")
+    ap.add_argument("--R", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=DTYPES)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    rows = []
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, {args.dtype}, batch {args.batch}")
+    print(f"{'preset':8} {'size':>8} {'params':>10} {'GFLOP/slice':>12} {'ms/slice/pass':>14} {'TFLOP/s':>8} {'%peak':>6}")
+    for preset in args.presets.split(","):
+        pipe = build_pipeline(preset, args.R).to(device, dtype)
+        if args.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        params = sum(p.numel() for p in pipe.unet.parameters()) + sum(p.numel() for p in pipe.direction_encoder.parameters())
+        for s in args.sizes.split(","):
+            size = tuple(int(v) for v in s.split("x"))
+            with torch.inference_mode():
+                fn = one_pass(pipe, args.batch, size, device, dtype)
+                with FlopCounterMode(display=False) as counter:
+                    fn()
+                flops = counter.get_total_flops() / args.batch
+                fn()  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.repeats):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / (args.repeats * args.batch)
+            tflops = flops / dt / 1e12
+            pct = 100 * tflops / args.peak_tflops if device.type == "cuda" else float("nan")
+            row = dict(preset=preset, size=s, params=params, gflop_per_slice=flops / 1e9, ms_per_slice_pass=dt * 1e3,
+                       tflops=tflops, percent_of_peak=pct, device=args.device, dtype=args.dtype, batch=args.batch)
+            rows.append(row)
+            print(f"{preset:8} {s:>8} {params:>10,} {flops / 1e9:>12.2f} {dt * 1e3:>14.2f} {tflops:>8.2f} {pct:>6.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Up-samplers to compare QID² with, and one factory that builds any method by name.
+
+Every method is a :class:`~qid2_diffusers.upsampling.VolumeUpsampler`, so
+evaluation, the command line and the demo treat QID² and the baselines alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dti import DTIUpsampler
+from .interp import InterpUpsampler, interpolation_weights
+from .sh import SHUpsampler, sh_resampling_matrix
+
+__all__ = [
+    "DTIUpsampler",
+    "InterpUpsampler",
+    "SHUpsampler",
+    "interpolation_weights",
+    "sh_resampling_matrix",
+    "METHODS",
+    "MissingWeightsError",
+    "default_device",
+    "make_upsampler",
+    "method_label",
+    "uses_references",
+]
+
+#: Method names accepted by :func:`make_upsampler`, in the order tables list them.
+METHODS = ("qid2", "cgan", "qgan", "interp", "dti", "sh2", "sh4", "sh6")
+
+_LEARNED = ("qid2", "cgan", "qgan")
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A learned method was asked for but its weights are not available."""
+
+
+def uses_references(name: str) -> bool:
+    """Whether the method works from the R nearest references (so R matters)."""
+    return name in ("qid2", "cgan", "qgan", "interp")
+
+
+def method_label(name: str, num_references: int | None = None) -> str:
+    """Display name for tables and figures, e.g. ``"QID² (R=3)"`` or ``"SH (order 4)"``."""
+    base = {"qid2": "QID²", "cgan": "cGAN", "qgan": "qGAN", "interp": "Interp", "dti": "DTI-predict"}
+    if name.startswith("sh"):
+        return f"SH (order {name[2:]})"
+    label = base.get(name, name)
+    return f"{label} (R={num_references})" if uses_references(name) and num_references else label
+
+
+def _weights_folder(path, what: str, flag: str) -> Path:
+    if path is None:
+        raise MissingWeightsError(f"no {what} weights given (pass {flag} PATH)")
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingWeightsError(f"{path}: no {what} weights folder there")
+    return path
+
+
+def default_device(device=None):
+    """``torch.device(device)``, or CUDA when available and none is named, else the CPU."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_upsampler(
+    name: str,
+    *,
+    num_references: int = 3,
+    model_path=None,
+    scheduler: str | None = None,
+    num_inference_steps: int | None = None,
+    num_samples: int = 1,
+    batch_size: int = 32,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+):
+    """Build an up-sampler by method name.
+
+    Args:
+        name (`str`): one of :data:`METHODS`: ``qid2``, ``cgan``, ``qgan``,
+            ``interp``, ``dti``, ``sh2``, ``sh4``, ``sh6``.
+        num_references (`int`, *optional*, defaults to 3): R, for the methods
+            that use references (QID², the GANs, Interp).
+        model_path (`str` or `os.PathLike`, *optional*): weights folder of a
+            learned method; for ``qid2`` defaults to the shipped model
+            (:func:`~qid2_diffusers.pretrained.default_model_path`).
+        scheduler (`str`, *optional*): QID² sampler name (see
+            :data:`~qid2_diffusers.schedulers.SCHEDULERS`); defaults to the saved one.
+        num_inference_steps (`int`, *optional*): QID² sampling steps.
+        num_samples (`int`, *optional*, defaults to 1): QID² samples averaged per target.
+        batch_size (`int`, *optional*, defaults to 32): slices per network call (learned methods).
+        seed (`int`, *optional*, defaults to 0): sampling seed.
+        device (`str` or `torch.device`, *optional*): defaults to CUDA when available.
+        progress (`bool`, *optional*, defaults to `True`): tqdm bars.
+
+    Raises:
+        MissingWeightsError: a learned method whose weights are absent.
+        ValueError: an unknown name, or weights trained for another R.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name == "interp":
+        return InterpUpsampler(num_references)
+    if name == "dti":
+        return DTIUpsampler()
+    if name.startswith("sh"):
+        return SHUpsampler(int(name[2:]))
+    if name == "qid2":
+        return _make_qid2(
+            model_path, num_references, scheduler, num_inference_steps, num_samples, batch_size, seed, device, progress
+        )
+    return _make_gan(name, model_path, num_references, batch_size, device, progress)
+
+
+def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_size, seed, device, progress):
+    from ..pipelines import QID2Pipeline
+    from ..schedulers import make_scheduler
+    from ..upsampling import QID2Upsampler
+
+    if model_path is None:
+        from ..pretrained import default_model_path
+
+        try:
+            model_path = default_model_path(num_references)
+        except FileNotFoundError as exc:
+            raise MissingWeightsError(str(exc)) from None
+    path = _weights_folder(model_path, "QID²", "--model")
+    if not (path / "model_index.json").is_file():
+        raise MissingWeightsError(f"{path}: not a QID² pipeline folder (no model_index.json)")
+    pipe = QID2Pipeline.from_pretrained(str(path))
+    if pipe.num_references != num_references:
+        raise ValueError(f"{path}: this QID² model takes R = {pipe.num_references}, not R = {num_references}")
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.to(default_device(device))
+    upsampler = QID2Upsampler(
+        pipe, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
+    )
+    upsampler.name = f"qid2-r{num_references}"
+    return upsampler
+
+
+def _make_gan(name, model_path, num_references, batch_size, device, progress):
+    from ..models.gan import GANUpsampler
+
+    path = _weights_folder(model_path, name, f"--{name}")
+    if not (path / "config.json").is_file():
+        raise MissingWeightsError(f"{path}: not a saved {name} generator (no config.json)")
+    upsampler = GANUpsampler.from_pretrained(
+        path, batch_size=batch_size, device=default_device(device), progress=progress
+    )
+    if upsampler.generator.kind != name:
+        raise ValueError(f"{path}: holds a {upsampler.generator.kind} generator, not a {name}")
+    if upsampler.num_references != num_references:
+        raise ValueError(f"{path}: this {name} takes R = {upsampler.num_references}, not R = {num_references}")
+    upsampler.name = f"{name}-r{num_references}"
+    return upsampler

@@ -1,0 +1,444 @@
+"""``qid2 upsample``: synthesise the missing gradient directions of a DWI series.
+
+The functions here are the one up-sampling path: the command line, the
+seeded example and the demo's download all go through :func:`upsample_dwi`
+and :meth:`UpsampleResult.save`.
+
+Under ``accelerate launch --num_processes N`` the targets are split across the
+processes and gathered on the main one, which alone writes the output; each
+target keeps the noise of its global index, so any N gives the same volume.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QID2InputError
+
+__all__ = [
+    "TRAINED_SHELL",
+    "TARGET_SCHEMES",
+    "UpsampleResult",
+    "read_targets",
+    "choose_targets",
+    "check_writable",
+    "auto_batch_size",
+    "upsample_dwi",
+    "add_model_arguments",
+    "add_parser",
+    "run",
+]
+
+#: b-value (s/mm²) the shipped models were trained at; other shells still run, with a warning.
+TRAINED_SHELL = 1000.0
+#: Named target schemes for ``--scheme``.
+TARGET_SCHEMES = ("hcp90",)
+#: Pixels per network call on the CPU when the batch size is automatic: the
+#: small preset's activations then stay near 0.2 GB, which keeps a 145x174x145
+#: run within 4 GB of memory; larger batches are no faster on a CPU.
+CPU_BATCH_PIXELS = 2**18
+#: Batch size on accelerators when automatic (their memory is not the host's).
+DEVICE_BATCH_SIZE = 32
+
+
+@dataclass
+class UpsampleResult:
+    """An up-sampled series: every input volume, then the synthesised ones.
+
+    Args:
+        data (`np.ndarray` of shape `(X, Y, Z, N + T)`, float32): input volumes
+            (b0s included, in file order) followed by the ``T`` synthesised ones.
+        bvals (`np.ndarray` of shape `(N + T,)`), bvecs (`np.ndarray` of shape `(N + T, 3)`): the scheme.
+        n_input (`int`): ``N``.
+        mask (`np.ndarray` of shape `(X, Y, Z)`): voxels that were synthesised.
+        std (`np.ndarray` of shape `(X, Y, Z, T)`, *optional*): per-voxel standard
+            deviation over samples, when more than one sample was drawn.
+    """
+
+    data: np.ndarray
+    bvals: np.ndarray
+    bvecs: np.ndarray
+    n_input: int
+    mask: np.ndarray
+    std: np.ndarray | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return self.data.shape[3] - self.n_input
+
+    def save(self, prefix, affine, header=None) -> list[Path]:
+        """Write ``PREFIX.nii.gz/.bval/.bvec`` (and ``PREFIX_std.nii.gz``), all or nothing."""
+        from ..data.io import save_dwi, save_nifti
+
+        prefix = Path(prefix)
+        stem = prefix.name.removesuffix(".gz").removesuffix(".nii")
+        written = []
+        if self.std is not None:
+            written.append(save_nifti(prefix.with_name(f"{stem}_std.nii.gz"), self.std, affine, header))
+        try:
+            written[:0] = save_dwi(prefix, self.data, self.bvals, self.bvecs, affine, header)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        return written
+
+
+def read_targets(path) -> np.ndarray:
+    """Target directions from an FSL bvec file (3 rows) or a 3-column text file.
+
+    Zero-length rows (the b0 entries of a full bvec file) are skipped; a
+    3 x 3 file is read the FSL way (one direction per column).
+
+    Raises:
+        QID2InputError: unreadable, non-numeric, wrongly shaped or empty.
+    """
+    from ..directions import normalize_bvecs
+
+    path = Path(path)
+    if not path.is_file():
+        raise QID2InputError(path, "targets file not found")
+    try:
+        arr = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise QID2InputError(path, f"malformed targets file ({str(exc).splitlines()[0]})") from None
+    if arr.shape[0] == 3:
+        arr = arr.T
+    elif arr.ndim != 2 or arr.shape[1] != 3:
+        raise QID2InputError(path, f"malformed targets file: expected 3 rows (FSL bvec) or 3 columns, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise QID2InputError(path, "malformed targets file: contains NaN or Inf")
+    arr = arr[np.linalg.norm(arr, axis=1) > 1e-6]
+    if len(arr) == 0:
+        raise QID2InputError(path, "targets file holds no non-zero direction")
+    return normalize_bvecs(arr)
+
+
+def choose_targets(acquired_bvecs, *, targets_path=None, n_targets=None, scheme=None) -> np.ndarray:
+    """The directions to synthesise, ``(T, 3)``.
+
+    Args:
+        acquired_bvecs (`array-like` of shape `(N, 3)`): the shell's acquired directions.
+        targets_path (`str`, *optional*): an FSL bvec file of targets, used as given.
+        n_targets (`int`, *optional*): the directions of a uniform
+            ``n_targets``-direction scheme not already acquired; the default
+            when nothing is given is 90.
+        scheme (`str`, *optional*): ``"hcp90"``, the phantom's 90-direction
+            b=1000 scheme, minus the acquired directions.
+    """
+    from ..directions import complement, uniform_directions
+
+    given = [x is not None for x in (targets_path, n_targets, scheme)]
+    if sum(given) > 1:
+        raise QID2InputError(None, "give at most one of --targets, --n-targets and --scheme")
+    if targets_path is not None:
+        return read_targets(targets_path)
+    if scheme is not None:
+        if scheme not in TARGET_SCHEMES:
+            raise QID2InputError(None, f"unknown scheme {scheme!r}; choose from {', '.join(TARGET_SCHEMES)}")
+        from ..data.phantom import hcp_scheme
+
+        bvals, bvecs = hcp_scheme(shells=(1000,), n_directions=90)
+        full = np.asarray(bvecs, dtype=np.float64)[np.asarray(bvals) > 50]
+        label = f"the {scheme} scheme"
+    else:
+        n = 90 if n_targets is None else int(n_targets)
+        if n < 1:
+            raise QID2InputError(None, f"--n-targets must be positive, got {n}")
+        full = uniform_directions(n)
+        label = f"a uniform {n}-direction scheme"
+    targets = full[complement(full, acquired_bvecs)]
+    if len(targets) == 0:
+        raise QID2InputError(None, f"every direction of {label} is already acquired: nothing to up-sample")
+    return targets
+
+
+def check_writable(prefix) -> Path:
+    """Check, before the long run, that ``PREFIX.*`` can be written; returns the prefix.
+
+    Creates the output folder if needed and writes (then removes) a probe file.
+    """
+    prefix = Path(prefix).expanduser()
+    if prefix.is_dir():
+        raise QID2InputError(prefix, "is a folder; --out takes a file prefix such as out/sub-01_upsampled")
+    folder = prefix.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".qid2-probe-"):
+            pass
+    except OSError as exc:
+        raise QID2InputError(folder, f"output folder is not writable ({exc.strerror or exc.__class__.__name__})") from None
+    return prefix
+
+
+def auto_batch_size(pipeline, mask, num_samples: int = 1) -> int:
+    """(slice, target) pairs per network call: bounded by :data:`CPU_BATCH_PIXELS` on the CPU."""
+    from ..upsampling import brain_bounding_box
+
+    if pipeline.device.type != "cpu":
+        return DEVICE_BATCH_SIZE
+    bx, by = brain_bounding_box(mask)
+    pixels = (bx.stop - bx.start) * (by.stop - by.start) * max(1, int(num_samples))
+    return int(np.clip(CPU_BATCH_PIXELS // max(pixels, 1), 1, DEVICE_BATCH_SIZE))
+
+
+def upsample_dwi(
+    dwi,
+    target_bvecs,
+    pipeline,
+    *,
+    shell: float = 1000,
+    mask=None,
+    num_inference_steps: int | None = None,
+    num_samples: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    state=None,
+) -> UpsampleResult | None:
+    """Up-sample one shell of ``dwi`` to ``target_bvecs``.
+
+    Builds the float32 output (every input volume, then the synthesised
+    ones) and samples from it: the input is read once, volume by volume, and
+    never held as float64; only slices with brain are sampled, in batches.
+    A 145 x 174 x 145 series with 36 volumes peaks under 3 GB on a CPU.
+
+    Args:
+        dwi ([`~qid2_diffusers.data.io.DWI`]): the whole input series.
+        target_bvecs (`array-like` of shape `(T, 3)`): directions to synthesise.
+        pipeline ([`QID2Pipeline`]): sampler already chosen, on its device.
+        shell (`float`, *optional*, defaults to 1000): b-value of the shell to up-sample.
+        mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): brain mask;
+            defaults to ``dwi.mask``, else :func:`qid2_diffusers.masking.brain_mask`.
+        num_inference_steps (`int`, *optional*): defaults to the pipeline's default.
+        num_samples (`int`, *optional*, defaults to 1): samples averaged per
+            target; above 1 the result carries a standard-deviation map.
+        batch_size (`int`, *optional*): (slice, target) pairs per network call;
+            defaults to :func:`auto_batch_size`. Results depend on it only by float rounding.
+        seed (`int`, *optional*, defaults to 0): base seed.
+        progress (`bool`, *optional*, defaults to `True`): tqdm bar over slices x targets.
+        state (`accelerate.PartialState`, *optional*): split the targets across
+            its processes; only the main process gets the result (others get `None`).
+    """
+    from ..data.io import check_enough_directions, extract_shell, shell_indices
+    from ..masking import brain_mask
+    from ..upsampling import QID2Upsampler, split_scheme
+
+    sub = extract_shell(dwi, shell)
+    _, dw = split_scheme(sub.bvals, sub.bvecs)
+    check_enough_directions(len(dw), pipeline.num_references, dwi.path)
+    targets = np.asarray(target_bvecs, dtype=np.float64)
+    if mask is None:
+        mask = dwi.mask if dwi.mask is not None else brain_mask(dwi.mean_b0(), _voxel_size(dwi))
+    mask = np.asarray(mask, dtype=bool)
+    main = state is None or state.is_main_process
+
+    # The output holds every input volume anyway: read each once, in file
+    # order (one pass through a .nii.gz), and sample from memory rather than
+    # decompressing the file again for every slice.
+    n_in, n_t = dwi.n_volumes, len(targets)
+    out = np.empty(dwi.shape[:3] + (n_in + (n_t if main else 0),), dtype=np.float32)
+    for k in range(n_in):
+        out[..., k] = dwi.volume(k)
+    # The volumes extract_shell keeps; a single-shell series is one range, so a view, not a copy.
+    keep = np.union1d(dwi.b0_indices, shell_indices(dwi.bvals, shell, b0_threshold=dwi.b0_threshold))
+    shell_data = out[..., keep[0] : keep[-1] + 1] if np.all(np.diff(keep) == 1) else out[..., keep]
+
+    upsampler = QID2Upsampler(
+        pipeline,
+        num_inference_steps=num_inference_steps,
+        num_samples=num_samples,
+        batch_size=batch_size or auto_batch_size(pipeline, mask, num_samples),
+        seed=seed,
+        progress=progress and main,
+    )
+    want_std = num_samples > 1
+
+    def predict(indices):
+        if not indices:
+            return indices, None, None
+        result = upsampler.predict(shell_data, sub.bvals, sub.bvecs, targets[indices], mask,
+                                   target_indices=indices, return_std=want_std)
+        return (indices, *result) if want_std else (indices, result, None)
+
+    everything = list(range(n_t))
+    if state is None or state.num_processes == 1:
+        parts = [predict(everything)]
+    else:
+        from accelerate.utils import gather_object
+
+        with state.split_between_processes(everything) as mine:
+            part = predict(list(mine))
+        parts = gather_object([part])
+        if not main:
+            return None
+
+    std = np.zeros(dwi.shape[:3] + (n_t,), dtype=np.float32) if want_std else None
+    for indices, pred, part_std in parts:
+        if indices:
+            out[..., n_in + np.asarray(indices)] = pred
+            if want_std:
+                std[..., indices] = part_std
+    b = float(np.median(sub.bvals[dw]))
+    return UpsampleResult(
+        data=out,
+        bvals=np.concatenate([dwi.bvals, np.full(n_t, b)]),
+        bvecs=np.concatenate([dwi.bvecs, targets]),
+        n_input=n_in,
+        mask=mask,
+        std=std,
+    )
+
+
+def _voxel_size(dwi):
+    return dwi.header.get_zooms()[:3] if dwi.header is not None else None
+
+
+def add_model_arguments(p) -> None:
+    """The model and sampling options shared by ``qid2 upsample`` and its ``--example``."""
+    g = p.add_argument_group("model and sampling")
+    g.add_argument("--model", help="model folder or Hugging Face Hub id (default: the shipped model for --R)")
+    g.add_argument("--R", type=int, default=None, dest="num_references",
+                   help="reference slices per target; the model must be trained for it (default: the model's, 3 for the shipped one)")
+    g.add_argument("--scheduler", help="sampler: ddpm, ddim, dpm++, unipc or euler (default: the one saved with the model)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the model's default_num_inference_steps)")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="samples averaged per target; above 1 also writes PREFIX_std.nii.gz (default: 1)")
+    g.add_argument("--batch-size", type=int,
+                   help="(slice, target) pairs per network call (default: 32 on a GPU; on the CPU as many as fit 2^18 pixels)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    g.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; same seed, same output (default: 0)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "upsample",
+        help="synthesise missing gradient directions with QID²",
+        description=(
+            "Up-sample one shell of a DWI series: write the input's volumes followed by volumes synthesised "
+            "at the target directions (PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec). "
+            "Or run the seeded phantom example with --example."
+        ),
+    )
+    g = p.add_argument_group("input and output")
+    g.add_argument("--dwi", help="4D NIfTI series (.nii or .nii.gz)")
+    g.add_argument("--bvals", help="FSL bval file (default: next to --dwi)")
+    g.add_argument("--bvecs", help="FSL bvec file (default: next to --dwi)")
+    g.add_argument("--mask", help="brain mask NIfTI (default: dipy median_otsu on the mean b0)")
+    g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to up-sample (default: 1000)")
+    g.add_argument("--out", help="output prefix: writes PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec")
+    t = p.add_argument_group("target directions (at most one; default --n-targets 90)")
+    t.add_argument("--targets", help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise")
+    t.add_argument("--n-targets", type=int, help="synthesise a uniform N-direction scheme's directions not acquired")
+    t.add_argument("--scheme", help="named scheme to complete: hcp90 (the phantom's 90 directions at b=1000)")
+    add_model_arguments(p)
+    e = p.add_argument_group("example")
+    e.add_argument("--example", action="store_true",
+                   help="make a seeded phantom with 30 directions, up-sample it to 90 and report FA errors")
+    e.add_argument("--out-dir", default=".", help="folder for the example's files (default: the current folder)")
+    p.set_defaults(run=run)
+
+
+def _state(device: str):
+    """Accelerate's process state when launched as several processes, else `None`.
+
+    ``cpu=True`` is passed on a CPU-only run: Accelerate otherwise sees no
+    accelerator and falls back to one process per launch, each doing all the work.
+    """
+    from accelerate.utils import get_int_from_env
+
+    if get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from ..hub import select_device
+
+    state = PartialState(cpu=select_device(device).type == "cpu")
+    return state if state.num_processes > 1 else None
+
+
+def _warn(message: str) -> None:
+    print(f"qid2 upsample: warning: {message}", file=sys.stderr)
+
+
+def run(args) -> int:
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..data.io import extract_shell, load_dwi
+    from ..hub import load_pipeline
+
+    diffusers_logging.disable_progress_bar()
+    if args.example:
+        from ..example import run_example
+
+        run_example(
+            args.out_dir,
+            model=args.model,
+            num_references=args.num_references,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+        )
+        return 0
+    if args.dwi is None or args.out is None:
+        raise QID2InputError(None, "--dwi and --out are required (or run --example)")
+    for name in ("steps", "num_samples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+    state = _state(args.device)
+    main = state is None or state.is_main_process
+    prefix = check_writable(args.out)
+    dwi = load_dwi(args.dwi, args.bvals, args.bvecs, args.mask)
+    acquired = extract_shell(dwi, args.shell)
+    targets = choose_targets(
+        acquired.bvecs[acquired.bvals > acquired.b0_threshold],
+        targets_path=args.targets,
+        n_targets=args.n_targets,
+        scheme=args.scheme,
+    )
+    device = state.device if state is not None and args.device == "auto" else args.device
+    pipe = load_pipeline(
+        args.model, num_references=args.num_references, scheduler=args.scheduler, device=device, dtype=args.dtype
+    )
+    b = float(np.median(acquired.bvals[acquired.bvals > acquired.b0_threshold]))
+    if main and abs(b - TRAINED_SHELL) > 0.05 * TRAINED_SHELL:
+        _warn(f"the model was trained at b={TRAINED_SHELL:g}; up-sampling the b={b:g} shell is outside its training data")
+
+    start = time.perf_counter()
+    result = upsample_dwi(
+        dwi,
+        targets,
+        pipe,
+        shell=args.shell,
+        num_inference_steps=args.steps,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        state=state,
+    )
+    if result is None:
+        return 0
+    paths = result.save(prefix, dwi.affine, dwi.header)
+    seconds = time.perf_counter() - start
+    steps = args.steps or pipe.config.default_num_inference_steps
+    print(
+        f"qid2 upsample: {result.n_targets} targets synthesised at b={b:g} "
+        f"({result.n_input} + {result.n_targets} volumes) in {seconds:.1f} s on {pipe.device.type} "
+        f"({args.dtype}, {type(pipe.scheduler).__name__}, {steps} steps"
+        f"{f', {state.num_processes} processes' if state is not None else ''}) -> {paths[0]}"
+    )
+    return 0

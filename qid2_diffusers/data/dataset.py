@@ -1,0 +1,327 @@
+"""Training samples: a target slice, its R nearest acquired slices and their directions.
+
+Decoding a NIfTI per sample would starve the GPU, so each subject is first
+preprocessed by :func:`build_cache` into one memory-mapped float16 array
+holding, slice by slice, every volume of one shell. :class:`QID2Dataset` then
+reads ``R + 1`` contiguous planes per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..directions import nearest_references
+from ..errors import QID2InputError
+from ..normalization import normalize, reference_scale
+from .augment import rotate_bvecs, warp_slices
+from .io import DWI, _nifti_stem, bvec_voxel_signs, check_enough_directions, shell_indices, split_acquired
+from .layouts import SubjectPaths
+
+__all__ = ["build_cache", "QID2Dataset", "CACHE_VERSION"]
+
+#: Bumped whenever the cache format changes, so stale caches are rebuilt.
+CACHE_VERSION = 1
+
+_SLICES, _MASK, _META = "slices.npy", "mask.npy", "meta.json"
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _fingerprint(dwi: DWI) -> dict:
+    """What the cache was built from: the file's identity and a hash of the scheme and mask."""
+    digest = hashlib.sha1(repr(dwi.shape).encode())
+    # In-memory data has no file to date, so its content is hashed; a lazy
+    # selection of a file's volumes is told apart by its indices.
+    parts = [dwi.bvals, dwi.bvecs, dwi.mask, getattr(dwi.data, "indices", None)]
+    if isinstance(dwi.data, np.ndarray):
+        parts.append(dwi.data)
+    for part in parts:
+        if part is not None:
+            digest.update(np.ascontiguousarray(part).tobytes())
+    path = None
+    if dwi.path is not None:
+        stat = Path(dwi.path).stat()
+        path = [str(Path(dwi.path).resolve()), stat.st_size, stat.st_mtime_ns]
+    return {"sha1": digest.hexdigest(), "path": path}
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _META).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _brain_mask(dwi: DWI, mean_b0: np.ndarray) -> np.ndarray:
+    if dwi.mask is not None:
+        return dwi.mask
+    from dipy.segment.mask import median_otsu
+
+    return median_otsu(mean_b0)[1]
+
+
+def build_cache(
+    subject: SubjectPaths | DWI,
+    cache_dir,
+    *,
+    shell: float = 1000,
+    n_acquired: int = 30,
+    axis: int = 2,
+    subject_id: str | None = None,
+) -> Path:
+    """Preprocess one subject into a memory-mapped training cache (reused when up to date).
+
+    The cache is a folder ``<cache_dir>/<subject>_b<shell>_acq<n>_axis<axis>`` with
+
+    - ``slices.npy``: float16 ``(n_slices, N_shell, H, W)``, slices across
+      voxel axis ``axis``, every volume of the shell (no b0), in units of
+      ``meta["unit"]`` (a power of two, 1 unless the data would overflow float16);
+    - ``mask.npy``: uint8 ``(n_slices, H, W)`` brain mask (the subject's, or
+      dipy's ``median_otsu`` of the mean b0);
+    - ``meta.json``: parameters, source fingerprint, the shell's bvals and
+      bvecs, the acquired/target split (:func:`~qid2_diffusers.data.io.split_acquired`),
+      the slices containing brain and the b-vector voxel signs.
+
+    It is written under a temporary name and renamed, so an interrupted build
+    never leaves a cache that looks valid.
+
+    Args:
+        subject (`SubjectPaths` or `DWI`): the subject.
+        cache_dir (`str` or `os.PathLike`): parent folder of the caches.
+        shell (`float`, *optional*, defaults to 1000): b-value of the shell.
+        n_acquired (`int`, *optional*, defaults to 30): directions kept as acquired.
+        axis (`int`, *optional*, defaults to 2): voxel axis across which slices are cut (2: axial).
+        subject_id (`str`, *optional*): cache name; defaults to the subject's id
+            or the image file's stem.
+
+    Returns:
+        `Path`: the cache folder, to pass to :class:`QID2Dataset`.
+    """
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    if isinstance(subject, SubjectPaths):
+        subject_id = subject_id or subject.subject_id
+        dwi = subject.load()
+    else:
+        dwi = subject
+        subject_id = subject_id or (_nifti_stem(Path(dwi.path)) if dwi.path else "subject")
+    params = {
+        "version": CACHE_VERSION,
+        "shell": float(shell),
+        "n_acquired": int(n_acquired),
+        "axis": int(axis),
+        "source": _fingerprint(dwi),
+    }
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}"
+    existing = _read_meta(folder)
+    if existing is not None and existing.get("params") == params:
+        return folder
+
+    members = shell_indices(dwi.bvals, shell, b0_threshold=dwi.b0_threshold, path=dwi.path)
+    if n_acquired > len(members):
+        raise QID2InputError(
+            dwi.path, f"the b={shell:g} shell has {len(members)} directions; cannot keep {n_acquired} as acquired"
+        )
+    shell_bvecs = dwi.bvecs[members]
+    acquired, targets = split_acquired(shell_bvecs, n_acquired)
+
+    spatial = dwi.shape[:3]
+    n_slices = spatial[axis]
+    plane = tuple(s for d, s in enumerate(spatial) if d != axis)
+    b0 = dwi.b0_indices
+    tmp = cache_dir / f".{folder.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        slices = np.lib.format.open_memmap(
+            tmp / _SLICES, mode="w+", dtype=np.float16, shape=(n_slices, len(members), *plane)
+        )
+        column = {int(k): j for j, k in enumerate(members)}
+        is_b0 = set(b0.tolist())
+        b0_sum = np.zeros(spatial, dtype=np.float64)
+        unit = None
+        # One pass in file order: a .nii.gz is a stream, and going back means
+        # decompressing from the start again.
+        for k in np.union1d(b0, members):
+            vol = np.nan_to_num(dwi.volume(k), nan=0.0, posinf=0.0, neginf=0.0)
+            if unit is None:
+                # The first volume (a b0 in practically every scheme) is the
+                # brightest; 8x headroom, a power of two so float16 keeps its
+                # relative precision.
+                peak = float(np.abs(vol).max()) * 8.0
+                unit = float(2.0 ** max(0, int(np.ceil(np.log2(max(peak, 1.0) / _FLOAT16_MAX)))))
+            if int(k) in is_b0:
+                b0_sum += vol
+            if int(k) in column:
+                scaled = np.clip(np.moveaxis(vol, axis, 0) / unit, -_FLOAT16_MAX, _FLOAT16_MAX)
+                slices[:, column[int(k)]] = scaled
+        slices.flush()
+        del slices
+        mask = np.moveaxis(_brain_mask(dwi, (b0_sum / len(b0)).astype(np.float32)), axis, 0).astype(np.uint8)
+        np.save(tmp / _MASK, np.ascontiguousarray(mask))
+        meta = {
+            "params": params,
+            "subject_id": subject_id,
+            "shell_bvals": dwi.bvals[members].tolist(),
+            "shell_bvecs": shell_bvecs.tolist(),
+            "volume_indices": members.tolist(),
+            "acquired": acquired.tolist(),
+            "targets": targets.tolist(),
+            "brain_slices": np.flatnonzero(mask.reshape(n_slices, -1).any(axis=1)).tolist(),
+            "unit": unit,
+            "voxel_signs": bvec_voxel_signs(dwi.affine).tolist(),
+            "affine": np.asarray(dwi.affine).tolist(),
+        }
+        (tmp / _META).write_text(json.dumps(meta))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+class _Subject:
+    """One cache folder, its metadata and per-target reference choice."""
+
+    def __init__(self, folder: Path, num_references: int):
+        meta = _read_meta(folder)
+        if meta is None or meta.get("params", {}).get("version") != CACHE_VERSION:
+            raise QID2InputError(folder, "not a QID2 training cache (run build_cache)")
+        self.folder = folder
+        self.axis = meta["params"]["axis"]
+        self.unit = float(meta["unit"])
+        self.voxel_signs = np.asarray(meta["voxel_signs"])
+        self.bvecs = np.asarray(meta["shell_bvecs"], dtype=np.float64)
+        acquired = np.asarray(meta["acquired"], dtype=np.intp)
+        self.targets = np.asarray(meta["targets"], dtype=np.intp)
+        check_enough_directions(len(acquired), num_references, folder)
+        # References come from the acquired directions only: at inference the
+        # others do not exist.
+        self.references = acquired[nearest_references(self.bvecs[self.targets], self.bvecs[acquired], num_references)]
+        self.brain_slices = np.asarray(meta["brain_slices"], dtype=np.intp)
+        self.n_samples = len(self.brain_slices) * len(self.targets)
+        self._slices = self._mask = None
+
+    def arrays(self):
+        # Opened on first use, in the process that reads: DataLoader workers
+        # then map the file themselves instead of receiving a pickled copy.
+        if self._slices is None:
+            self._slices = np.load(self.folder / _SLICES, mmap_mode="r")
+            self._mask = torch.from_numpy(np.load(self.folder / _MASK))
+        return self._slices, self._mask
+
+    def __getstate__(self):
+        return {**self.__dict__, "_slices": None, "_mask": None}
+
+
+class QID2Dataset(Dataset):
+    """Samples for training an up-sampler: every target direction x every slice with brain.
+
+    Each item is a dict of float32 tensors:
+
+    - ``target`` `(1, H, W)` and ``references`` `(R, H, W)`, normalised with
+      :func:`~qid2_diffusers.normalization.normalize` by one scale taken from
+      the references alone;
+    - ``scale`` `(1, 1, 1)`: that scale in the source's intensity units, so
+      ``denormalize(x, scale)`` gives scanner units back;
+    - ``target_bvec`` `(3,)` and ``reference_bvecs`` `(R, 3)`: the references
+      are the R acquired directions nearest the target
+      (:func:`~qid2_diffusers.directions.nearest_references`);
+    - ``mask`` `(1, H, W)`: brain mask, 0 or 1.
+
+    With ``augment``, every item is rotated in-plane by an angle drawn
+    uniformly in ``[-rotation_degrees, rotation_degrees]`` degrees and scaled by
+    a factor in ``scale_range``, images, mask and b-vectors alike
+    (:mod:`~qid2_diffusers.data.augment`). The draw depends only on
+    ``(seed, epoch, index)``, so a run is reproducible whatever the workers.
+
+    Args:
+        cache_paths (`list` of `str` or `os.PathLike`): folders made by :func:`build_cache`.
+        num_references (`int`, *optional*, defaults to 3): R.
+        augment (`bool`, *optional*, defaults to `False`): random rotation and scaling.
+        seed (`int`, *optional*, defaults to 0): augmentation seed.
+        rotation_degrees (`float`, *optional*, defaults to 15.0): largest rotation, in degrees.
+        scale_range (`tuple[float, float]`, *optional*, defaults to `(0.9, 1.1)`): zoom range.
+    """
+
+    def __init__(
+        self,
+        cache_paths,
+        num_references: int = 3,
+        *,
+        augment: bool = False,
+        seed: int = 0,
+        rotation_degrees: float = 15.0,
+        scale_range: tuple[float, float] = (0.9, 1.1),
+    ):
+        if isinstance(cache_paths, (str, os.PathLike)):
+            cache_paths = [cache_paths]
+        self.subjects = [_Subject(Path(p), num_references) for p in cache_paths]
+        if not self.subjects:
+            raise ValueError("no cache folders given")
+        self.num_references = num_references
+        self.augment = augment
+        self.seed = int(seed)
+        self.rotation_degrees = float(rotation_degrees)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.epoch = 0
+        self._offsets = np.cumsum([0] + [s.n_samples for s in self.subjects])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw fresh augmentations for a new epoch (call before creating the epoch's iterator)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _position(self, index: int) -> tuple[int, int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        slice_pos, t = divmod(int(index - self._offsets[s]), len(self.subjects[s].targets))
+        return s, slice_pos, t
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """``(subject, slice, target volume)`` of a sample: indices into the cache
+        list, along the cache's slice axis, and into the shell's volumes."""
+        s, slice_pos, t = self._position(index)
+        subject = self.subjects[s]
+        return s, int(subject.brain_slices[slice_pos]), int(subject.targets[t])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        s, slice_pos, t = self._position(index)
+        subject = self.subjects[s]
+        z = subject.brain_slices[slice_pos]
+        volumes = np.concatenate([subject.targets[t : t + 1], subject.references[t]])
+        slices, masks = subject.arrays()
+        # torch converts float16 several times faster than numpy's astype.
+        images = torch.from_numpy(slices[z, volumes]).float()
+        mask = masks[z][None].float()
+        bvecs = subject.bvecs[volumes]
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+            angle = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
+            zoom = rng.uniform(*self.scale_range)
+            images, mask = warp_slices(images, angle, zoom, mask=mask)
+            bvecs = rotate_bvecs(bvecs, angle, axis=subject.axis, voxel_signs=subject.voxel_signs)
+        scale = reference_scale(images[None, 1:])[0]
+        images = normalize(images, scale)
+        bvecs = torch.from_numpy(bvecs.astype(np.float32))
+        return {
+            "target": images[:1],
+            "references": images[1:],
+            "scale": scale * subject.unit,
+            "target_bvec": bvecs[0],
+            "reference_bvecs": bvecs[1:],
+            "mask": mask,
+        }

@@ -1,0 +1,282 @@
+"""Writing results: strict JSON, the Markdown table in the paper's Table 1 layout, and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "to_json",
+    "write_json",
+    "write_text",
+    "format_mean_std",
+    "results_table",
+    "tests_table",
+    "save_figure",
+    "fa_figure",
+    "slice_grid_figure",
+    "sweep_figure",
+]
+
+
+def to_json(obj):
+    """A JSON-ready copy: numpy scalars and arrays become Python values,
+    non-finite floats become ``None`` (strict JSON has no NaN or infinity;
+    a PSNR of identical images is infinite)."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic(path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically (temporary name in the same folder, then rename)."""
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as strict, indented JSON atomically (see :func:`to_json`)."""
+    return write_text(path, json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def save_figure(fig, path) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+
+
+def format_mean_std(summary, digits: int = 3, scale: float = 1.0, bold: bool = False) -> str:
+    """``"0.123 ± 0.004"`` from a :func:`~qid2_diffusers.evaluation.summarize` dict
+    (the mean alone for one subject; ``"–"`` when empty)."""
+    if not summary or summary.get("mean") is None:
+        return "–"
+    text = f"{summary['mean'] * scale:.{digits}f}"
+    if summary.get("std") is not None:
+        text += f" ± {summary['std'] * scale:.{digits}f}"
+    return f"**{text}**" if bold else text
+
+
+#: Table columns: header, (reference, metric), digits, scale, whether lower is better.
+COLUMNS = [
+    ("Image FID ↓", None, None, 2, 1.0, True),
+    ("Image SSIM ↑", "acquired", "ssim", 3, 1.0, False),
+    ("FA Error ↓", "acquired", "fa_mae", 3, 1.0, True),
+    ("FA Map SSIM ↑", "acquired", "fa_ssim", 3, 1.0, False),
+    ("PSNR (dB) ↑", "acquired", "psnr", 2, 1.0, False),
+    ("NRMSE ↓", "acquired", "nrmse", 3, 1.0, True),
+    ("MD Error (µm²/ms) ↓", "acquired", "md_mae", 3, 1e3, True),
+    ("Angle Error (°) ↓", "acquired", "angular_error_deg", 2, 1.0, True),
+    ("FA Error vs truth ↓", "truth", "fa_mae", 3, 1.0, True),
+    ("FA Map SSIM vs truth ↑", "truth", "fa_ssim", 3, 1.0, False),
+    ("Image SSIM vs truth ↑", "truth", "ssim", 3, 1.0, False),
+]
+
+
+def results_table(rows, *, fid=None, has_truth: bool = True) -> str:
+    """The Markdown results table.
+
+    Args:
+        rows (`list` of `(label, summary)`): ``summary[reference][metric]`` is a
+            :func:`~qid2_diffusers.evaluation.summarize` dict, ``reference`` being
+            ``"acquired"`` or ``"truth"``; a missing reference prints ``–``.
+        fid (`dict` or `str`, *optional*): label -> FID value; a string (the
+            reason, e.g. :data:`~qid2_diffusers.evaluation.FID_UNAVAILABLE`) prints n/a in every row.
+        has_truth (`bool`, *optional*, defaults to `True`): include the columns against the truth.
+
+    Best values of each column (among rows that have it) are bold, as in the paper.
+    """
+    columns = [c for c in COLUMNS if has_truth or c[1] != "truth"]
+    best = {}
+    for header, ref, metric, _, _, lower in columns:
+        if ref is None:
+            values = {lab: v for lab, v in fid.items() if v is not None} if isinstance(fid, dict) else {}
+        else:
+            values = {
+                lab: s[ref][metric]["mean"] for lab, s in rows if s.get(ref, {}).get(metric, {}).get("mean") is not None
+            }
+        if len(values) > 1:
+            target = min(values.values()) if lower else max(values.values())
+            best[header] = {lab for lab, v in values.items() if v == target}
+    lines = [
+        "| Methods | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for label, summary in rows:
+        cells = []
+        for header, ref, metric, digits, scale, _ in columns:
+            bold = label in best.get(header, ())
+            if ref is None:
+                value = fid.get(label) if isinstance(fid, dict) else None
+                if value is None:
+                    cells.append("n/a" if isinstance(fid, str) else "–")
+                else:
+                    cells.append(f"**{value:.2f}**" if bold else f"{value:.2f}")
+            else:
+                cells.append(format_mean_std(summary.get(ref, {}).get(metric), digits, scale, bold))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: Column headers of the paired-test table, by ``"{reference}/{metric}"``.
+TEST_HEADERS = {
+    "acquired/ssim": "Image SSIM",
+    "acquired/fa_mae": "FA Error",
+    "acquired/fa_ssim": "FA Map SSIM",
+    "truth/fa_mae": "FA Error vs truth",
+}
+
+
+def tests_table(tests, baseline_label: str, labels: dict) -> str:
+    """Markdown table of paired-test p-values of every method against ``baseline_label``.
+
+    Args:
+        tests (`dict`): method key -> ``"{reference}/{metric}"`` -> a
+            :func:`~qid2_diffusers.evaluation.paired_tests` dict.
+        baseline_label (`str`): the method compared against.
+        labels (`dict`): method key -> display label.
+    """
+    metrics = list(dict.fromkeys(m for per in tests.values() for m in per))
+    if not metrics:
+        return ""
+    results = [t for per in tests.values() for t in per.values()]
+    if all(t["t_pvalue"] is None for t in results):
+        return f"Paired tests against {baseline_label}: not run ({results[0]['note']}).\n"
+    lines = [
+        f"Paired tests against {baseline_label} (p-values: t-test / Wilcoxon; one value per subject):",
+        "",
+        "| Methods | " + " | ".join(TEST_HEADERS.get(m, m) for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+
+    def cell(t):
+        if t is None:
+            return "–"
+        if t["t_pvalue"] is None:
+            return "n/a"
+        return f"{t['t_pvalue']:.3g} / {t['wilcoxon_pvalue']:.3g}"
+
+    for key, per in tests.items():
+        lines.append(f"| {labels[key]} | " + " | ".join(cell(per.get(m)) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(n_rows: int, n_cols: int, panel: float = 2.2):
+    # A bare Figure, not pyplot: no global backend or figure registry is touched.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel * n_cols, panel * n_rows + 0.4))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
+def _show(ax, image, **kwargs):
+    # Array axis 0 (x) across, axis 1 (y) up: the radiological-style view
+    # every NIfTI viewer starts from.
+    return ax.imshow(np.asarray(image).T, origin="lower", interpolation="nearest", **kwargs)
+
+
+def fa_figure(fa_maps: dict, reference: str, mask, *, max_error: float = 0.3):
+    """FA map (top row) and absolute FA error against ``fa_maps[reference]`` (bottom row) per method.
+
+    Args:
+        fa_maps (`dict`): label -> 2D FA slice, the reference among them.
+        reference (`str`): label of the reference FA.
+        mask (`np.ndarray`): 2D brain mask of the slice.
+        max_error (`float`, *optional*, defaults to 0.3): top of the error colour scale.
+    """
+    labels = list(fa_maps)
+    fig, axes = _figure(2, len(labels))
+    ref = fa_maps[reference]
+    for j, label in enumerate(labels):
+        fa = np.where(mask, fa_maps[label], 0.0)
+        im_fa = _show(axes[0, j], fa, cmap="gray", vmin=0.0, vmax=1.0)
+        axes[0, j].set_title(label, fontsize=9)
+        im_err = _show(
+            axes[1, j], np.where(mask, np.abs(fa_maps[label] - ref), 0.0), cmap="magma", vmin=0.0, vmax=max_error
+        )
+        if label == reference:
+            axes[1, j].set_title("(reference)", fontsize=8)
+        else:
+            err = float(np.abs(fa_maps[label] - ref)[mask].mean()) if mask.any() else float("nan")
+            axes[1, j].set_title(f"|ΔFA| mean {err:.3f}", fontsize=8)
+    axes[0, 0].set_ylabel("FA")
+    axes[1, 0].set_ylabel(f"|FA − FA {reference}|")
+    fig.colorbar(im_fa, ax=axes[0].tolist(), shrink=0.8, pad=0.01)
+    fig.colorbar(im_err, ax=axes[1].tolist(), shrink=0.8, pad=0.01)
+    return fig
+
+
+def slice_grid_figure(panels: dict, title: str, *, vmax: float | None = None):
+    """One row of DWI slices on one grey scale: the references, the target and each method's prediction.
+
+    Args:
+        panels (`dict`): panel title -> 2D slice, in display order.
+        title (`str`): figure title (subject, slice, target direction).
+        vmax (`float`, *optional*): top of the grey scale; defaults to the 99.5th percentile of all panels.
+    """
+    images = [np.asarray(v, dtype=np.float32) for v in panels.values()]
+    if vmax is None:
+        vmax = float(np.percentile(np.concatenate([im.ravel() for im in images]), 99.5)) or 1.0
+    fig, axes = _figure(1, len(images))
+    for ax, (label, image) in zip(axes[0], zip(panels, images)):
+        _show(ax, image, cmap="gray", vmin=0.0, vmax=vmax)
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def sweep_figure(sweep: dict, metrics: dict):
+    """QID² quality against the number of sampling steps, one line per scheduler.
+
+    Args:
+        sweep (`dict`): scheduler -> steps -> metric -> value.
+        metrics (`dict`): metric key -> axis label, one panel each.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], metrics.items()):
+        for scheduler, by_steps in sweep.items():
+            steps = sorted(by_steps, key=int)
+            values = [by_steps[s].get(metric) for s in steps]
+            ax.plot([int(s) for s in steps], [np.nan if v is None else v for v in values], marker="o", label=scheduler)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({int(s) for by_steps in sweep.values() for s in by_steps}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

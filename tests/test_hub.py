@@ -1,0 +1,165 @@
+"""Model loading (folder, Hub cache offline), sampler swap, device/dtype choice, and ``qid2 push``'s checks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from qid2_diffusers.cli import main
+from qid2_diffusers.cli.push import files_to_upload
+from qid2_diffusers.errors import QID2InputError
+from qid2_diffusers.hub import load_pipeline, model_num_references, resolve_model, select_device, select_dtype, with_scheduler
+
+
+@pytest.fixture()
+def model_copy(tmp_path, tiny_model_dir):
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+def test_resolve_model_reads_r_and_checks_it(tiny_model_dir):
+    assert resolve_model(tiny_model_dir) == tiny_model_dir
+    assert model_num_references(tiny_model_dir) == 3
+    with pytest.raises(QID2InputError, match="trained for R = 3 references, not R = 6"):
+        resolve_model(tiny_model_dir, num_references=6)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("unet/diffusion_pytorch_model.safetensors", "missing unet/diffusion_pytorch_model.safetensors"),
+        ("scheduler/scheduler_config.json", "missing scheduler/scheduler_config.json"),
+        ("model_index.json", "missing model_index.json"),
+    ],
+)
+def test_incomplete_model_folder_is_one_line_error(model_copy, damage, message):
+    (model_copy / damage).unlink()
+    with pytest.raises(QID2InputError, match=message) as err:
+        load_pipeline(model_copy, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_other_pipeline_class_and_bad_paths(model_copy, tmp_path):
+    index = json.loads((model_copy / "model_index.json").read_text())
+    index["_class_name"] = "DDPMPipeline"
+    (model_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(QID2InputError, match="DDPMPipeline pipeline, not a QID2Pipeline"):
+        resolve_model(model_copy)
+    with pytest.raises(QID2InputError, match="no such model folder"):
+        resolve_model(tmp_path / "does" / "not" / "exist")
+    a_file = tmp_path / "weights.safetensors"
+    a_file.write_bytes(b"x")
+    with pytest.raises(QID2InputError, match="is a file"):
+        resolve_model(a_file)
+
+
+def test_unknown_hub_id_offline_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(QID2InputError, match="not in the Hugging Face cache"):
+        resolve_model("nobody/no-such-qid2-model")
+
+
+def test_scheduler_swap_shares_weights_and_keeps_original(tiny_model_dir):
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    ddim = with_scheduler(pipe, "ddim")
+    assert isinstance(ddim.scheduler, DDIMScheduler) and isinstance(pipe.scheduler, DDPMScheduler)
+    assert ddim.unet is pipe.unet
+    # The sampler inherits the training schedule (prediction type, betas).
+    assert ddim.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
+    dpm = load_pipeline(tiny_model_dir, scheduler="dpm++", device="cpu")
+    assert isinstance(dpm.scheduler, DPMSolverMultistepScheduler)
+    with pytest.raises(QID2InputError, match="unknown scheduler 'plms'"):
+        load_pipeline(tiny_model_dir, scheduler="plms", device="cpu")
+
+
+def test_device_and_dtype_choice(tiny_model_dir):
+    assert select_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected is None and not torch.backends.mps.is_available():
+        assert select_device("auto").type == "cpu"
+        with pytest.raises(QID2InputError, match="device cuda requested but not available"):
+            select_device("cuda")
+    with pytest.raises(QID2InputError, match="unknown device 'tpu'"):
+        select_device("tpu")
+    assert select_dtype("bf16") is torch.bfloat16
+    with pytest.raises(QID2InputError, match="unknown dtype 'fp8'"):
+        select_dtype("fp8")
+    pipe = load_pipeline(tiny_model_dir, device="cpu", dtype="bf16")
+    assert pipe.unet.dtype == torch.bfloat16
+    out = pipe(np.ones((3, 12, 10), np.float32) * 100, np.eye(3), np.array([1.0, 1.0, 0.0]),
+               num_inference_steps=2, generator=torch.manual_seed(0))
+    assert out.images.dtype == np.float32 and np.isfinite(out.images).all()
+
+
+def test_from_pretrained_hub_id_from_offline_cache(tmp_path, tiny_model_dir):
+    """A pipeline in the Hugging Face cache layout loads by Hub id with HF_HUB_OFFLINE=1, identical to the folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--qid2-org--qid2-tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, torch
+        from qid2_diffusers import QID2Pipeline
+        from qid2_diffusers.hub import load_pipeline
+        refs = np.random.default_rng(0).uniform(50, 150, (2, 3, 14, 11)).astype(np.float32)
+        rb = np.random.default_rng(1).normal(size=(2, 3, 3)); tb = np.random.default_rng(2).normal(size=(2, 3))
+        def sample(pipe):
+            return pipe(refs, rb, tb, num_inference_steps=3, generator=torch.manual_seed(0)).images
+        by_id = QID2Pipeline.from_pretrained("qid2-org/qid2-tiny")
+        by_folder = QID2Pipeline.from_pretrained({str(tiny_model_dir)!r})
+        ours = load_pipeline("qid2-org/qid2-tiny", device="cpu")
+        a, b, c = sample(by_id), sample(by_folder), sample(ours)
+        assert np.array_equal(a, b) and np.array_equal(a, c), "outputs differ"
+        assert str(ours.name_or_path).startswith({str(repo)!r}), ours.name_or_path
+        print("OK", a.shape, float(a.std()))
+        """
+    )
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("OK (2, 14, 11)")
+
+
+def test_push_dry_run_lists_model_files(model_copy, capsys):
+    (model_copy / ".model_index.json.tmp").write_text("{}")  # a leftover temporary write
+    (model_copy / "README.md").write_text("---\nlibrary_name: diffusers\n---\n")
+    assert main(["push", "--model", str(model_copy), "--repo-id", "qid2-org/qid2-tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines()[1:]]
+    assert listed == [f.as_posix() for f in files_to_upload(model_copy)]
+    assert set(listed) == {
+        "README.md", "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "direction_encoder/config.json",
+        "direction_encoder/diffusion_pytorch_model.safetensors",
+    }
+    assert "would upload 7 files" in out and "public model repo qid2-org/qid2-tiny" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repo-id", "no slash allowed here"], "not a Hub repository id"),
+        (["--repo-id", "justaname"], "give the repository as ORG/NAME"),
+        (["--repo-id", "org/name", "--model", "/nonexistent/qid2"], "no such model folder"),
+    ],
+)
+def test_push_rejects_bad_arguments(tiny_model_dir, capsys, args, message):
+    argv = ["push", "--model", str(tiny_model_dir), *args, "--dry-run"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -1,0 +1,262 @@
+"""training/train_qid2.py and training/common.py: loss, configs, resume after a kill, two processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = REPO / "training"
+sys.path.insert(0, str(TRAINING))
+
+import common  # noqa: E402
+import train_qid2  # noqa: E402
+
+# One thread per process: two training processes on two cores must not oversubscribe them.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small networks on a busy 2-core machine: a second OpenMP thread that has
+    # to wait for a core makes every op many times slower, never faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _batch(b=4, r=3, h=16, w=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, 1, h, w)
+    mask[..., 4:12, 3:13] = 1
+    return {
+        "target": torch.randn(b, 1, h, w, generator=g),
+        "references": torch.randn(b, r, h, w, generator=g),
+        "target_bvec": torch.nn.functional.normalize(torch.randn(b, 3, generator=g), dim=-1),
+        "reference_bvecs": torch.nn.functional.normalize(torch.randn(b, r, 3, generator=g), dim=-1),
+        "mask": mask,
+    }
+
+
+class _ConstantDenoiser(torch.nn.Module):
+    """Predicts zero everywhere: the loss is then the target's own masked mean square."""
+
+    def __init__(self):
+        super().__init__()
+        from qid2_diffusers import build_unet
+
+        self.unet = build_unet("tiny", 3)
+
+    def forward(self, noisy, references, timesteps, target_bvecs, reference_bvecs):
+        return torch.zeros_like(noisy)
+
+
+def test_masked_loss_ignores_background_and_unmasked_does_not():
+    from qid2_diffusers.schedulers import training_scheduler
+
+    scheduler = training_scheduler("sample")
+    batch = _batch()
+    changed = {**batch, "target": torch.where(batch["mask"].bool(), batch["target"], batch["target"] * 50 + 7)}
+
+    def loss(b, masked):
+        return train_qid2.diffusion_loss(_ConstantDenoiser(), scheduler, b, torch.Generator().manual_seed(1), masked=masked)
+
+    expected = (batch["target"] ** 2)[batch["mask"].bool()].mean()
+    assert torch.allclose(loss(batch, True), expected)
+    assert torch.allclose(loss(changed, True), loss(batch, True))
+    assert loss(changed, False) > 10 * loss(batch, False)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_loss_decreases_on_a_fixed_batch(prediction_type):
+    from qid2_diffusers import build_pipeline
+
+    pipe = build_pipeline("tiny", 3, prediction_type, seed=0)
+    model = train_qid2.QID2Denoiser(pipe.unet, pipe.direction_encoder)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = _batch(h=12, w=14)
+    losses = []
+    for _ in range(30):
+        loss = train_qid2.diffusion_loss(model, pipe.scheduler, batch, torch.Generator().manual_seed(0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
+    a, b = common.EpochSampler(50, seed=3), common.EpochSampler(50, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    g1 = common.step_generator(0, 1, 5, 0)
+    g2 = common.step_generator(0, 1, 5, 0)
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
+    assert not torch.equal(torch.randn(4, generator=common.step_generator(0, 1, 5, 1)), torch.randn(4, generator=g2))
+
+
+def test_random_crops_are_reproducible_and_hold_brain():
+    batch = _batch(b=6, h=30, w=26)
+    batch["mask"][:] = 0
+    batch["mask"][:, :, 20:24, 2:5] = 1  # brain only in one corner
+    a = common.random_crops(batch, 8, torch.Generator().manual_seed(4))
+    b = common.random_crops(batch, 8, torch.Generator().manual_seed(4))
+    assert a["target"].shape == (6, 1, 8, 8) and a["references"].shape == (6, 3, 8, 8) and a["mask"].shape == (6, 1, 8, 8)
+    assert all(torch.equal(a[k], b[k]) for k in ("target", "references", "mask"))
+    assert torch.equal(a["target_bvec"], batch["target_bvec"])
+    assert (a["mask"].flatten(1).sum(1) > 0).all()
+    # Each crop is a window of its own sample.
+    windows = batch["target"][0, 0].unfold(0, 8, 1).unfold(1, 8, 1).reshape(-1, 8, 8)
+    assert any(torch.equal(w, a["target"][0, 0]) for w in windows)
+    assert common.random_crops(batch, None, torch.Generator()) is batch
+
+
+def test_config_precedence_and_unknown_keys(tmp_path):
+    args = train_qid2.parse_args(["--preset", "paper", "--data_dir", "d", "--output_dir", "o"])
+    assert (args.prediction_type, args.learning_rate, args.unmasked_loss) == ("epsilon", 2.5e-5, True)
+    assert (args.adam_beta1, args.adam_beta2) == (0.5, 0.999)
+    args = train_qid2.parse_args(
+        ["--config", str(TRAINING / "configs" / "paper.yaml"), "--learning_rate", "1e-3", "--data_dir", "d", "--output_dir", "o"]
+    )
+    assert args.learning_rate == 1e-3 and args.prediction_type == "epsilon" and args.cache_dir == os.path.join("o", "cache")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown setting.*learning_rat"):
+        train_qid2.parse_args(["--config", str(bad), "--data_dir", "d", "--output_dir", "o"])
+
+
+def test_model_card_template_has_front_matter_and_refuses_missing_fields():
+    template = common.MODEL_CARD_TEMPLATE.read_text()
+    assert template.startswith("---\nlibrary_name: diffusers\nlicense: apache-2.0\n")
+    with pytest.raises(KeyError, match="model_name"):
+        common.fill_template(template, {})
+
+
+def _script(name, *args):
+    return [sys.executable, str(TRAINING / name), *args]
+
+
+def _tiny_args(cohort, out, cache, *extra):
+    return ["--config", "tiny", "--data_dir", str(cohort), "--output_dir", str(out), "--cache_dir", str(cache), *extra]
+
+
+def _unet_and_encoder(folder):
+    return {
+        **load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")),
+        **{f"enc.{k}": v for k, v in load_file(str(folder / "direction_encoder" / "diffusion_pytorch_model.safetensors")).items()},
+    }
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
+    # 240 samples, 20 steps per epoch: the resumed run crosses an epoch boundary.
+    extra = ["--num_validation_subjects", "0", "--train_batch_size", "12", "--max_train_steps", "24",
+             "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--use_ema", "--ema_max_decay", "0.9"]
+    cache = tmp_path / "cache"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_script("train_qid2.py", *_tiny_args(training_cohort, whole, cache, *extra)), env=ENV, check=True,
+                   capture_output=True, timeout=300)
+
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(_script("train_qid2.py", *_tiny_args(training_cohort, killed, cache, *extra)), env=ENV,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not common.checkpoints(killed):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model_index.json").exists()
+    first = common.checkpoints(killed)[-1].name
+
+    resumed = subprocess.run(
+        _script("train_qid2.py", *_tiny_args(training_cohort, killed, cache, *extra, "--resume_from_checkpoint", "latest")),
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {killed / first}" in resumed.stdout + resumed.stderr
+
+    # Raw weights at the end, and the saved (EMA) pipeline weights.
+    assert [p.name for p in common.checkpoints(killed)] == ["checkpoint-22", "checkpoint-24"]
+    assert _max_diff(load_file(str(whole / "checkpoint-24" / "model.safetensors")),
+                     load_file(str(killed / "checkpoint-24" / "model.safetensors"))) < 1e-5
+    ema_whole, ema_killed = _unet_and_encoder(whole), _unet_and_encoder(killed)
+    assert _max_diff(ema_whole, ema_killed) < 1e-5
+    # ... and training did move the weights (the comparison is not between two untouched initialisations).
+    from qid2_diffusers import build_pipeline
+
+    init = build_pipeline("tiny", 3, seed=0)
+    assert max((p.detach() - ema_whole[k]).abs().max().item() for k, p in init.unet.state_dict().items()) > 1e-3
+    summary = json.loads((killed / "training_summary.json").read_text())
+    assert summary["global_step"] == 24 and summary["elapsed_seconds"] > 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_hold_identical_weights_and_the_output_loads(training_cohort, tmp_path):
+    out = tmp_path / "ddp"
+    # `accelerate launch --cpu` starts several CPU processes only through mpirun;
+    # torchrun's launcher (--multi_gpu) with ACCELERATE_USE_CPU gives gloo processes without it.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    run = subprocess.run(
+        launch + [str(TRAINING / "train_qid2.py"),
+                  # A wall-time budget far below 100 steps: both processes must agree on when to stop.
+                  *_tiny_args(training_cohort, out, tmp_path / "cache", "--max_train_steps", "100",
+                              "--max_train_time_minutes", "0.02", "--checkpointing_steps", "1000", "--use_ema",
+                              "--save_dtype", "fp16", "--debug_dump_weights", "--report_to", "tensorboard")],
+        env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0 = json.loads((out / "debug_weights_rank0.json").read_text())
+    rank1 = json.loads((out / "debug_weights_rank1.json").read_text())
+    assert rank0 == rank1 and set(rank0) == {"model", "ema"}
+
+    # fp16 on disk, float32 after loading, and it samples reproducibly.
+    from qid2_diffusers import QID2Pipeline
+
+    assert all(t.dtype == torch.float16 for t in load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")).values())
+    pipe = QID2Pipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float32 and pipe.scheduler.__class__.__name__ == "DDIMScheduler"
+    rng = np.random.default_rng(0)
+    refs = rng.uniform(50, 150, (2, 3, 20, 22)).astype(np.float32)
+    rb = rng.normal(size=(2, 3, 3))
+    tb = rng.normal(size=(2, 3))
+    a = pipe(refs, rb, tb, generator=torch.manual_seed(0)).images
+    b = pipe(refs, rb, tb, generator=torch.manual_seed(0)).images
+    assert a.shape == (2, 20, 22) and np.isfinite(a).all() and np.array_equal(a, b)
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    steps = summary["global_step"]
+    assert summary["num_processes"] == 2 and 1 <= steps < 100 and summary["total_batch_size"] == 8
+    assert "wall-time budget" in summary["stop_reason"] and [p.name for p in common.checkpoints(out)] == [f"checkpoint-{steps}"]
+    assert summary["validation"]["step"] == steps and 0 <= summary["validation"]["fa_mae"] < 1
+    assert set(summary["validation_reference_methods"]) == {"interp", "dti"}
+    card = (out / "README.md").read_text()
+    assert "{{" not in card and "accelerate launch --num_processes 2" in card and "sub-00" in card
+    assert "| Interp (R=3) |" in card and (out / "validation.png").is_file()
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
