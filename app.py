@@ -34,7 +34,8 @@ from qid2_diffusers.example import make_example
 from qid2_diffusers.hub import load_pipeline, model_num_references, resolve_model, with_scheduler
 from qid2_diffusers.masking import brain_mask
 from qid2_diffusers.schedulers import SCHEDULERS
-from qid2_diffusers.tensor import fit_tensor
+from qid2_diffusers.evaluation import tensor_metrics
+from qid2_diffusers.tensor import TensorMaps, fit_tensor
 from qid2_diffusers.upsampling import QID2Upsampler, split_scheme
 
 __all__ = ["Session", "build_demo", "demo", "LAUNCH_KWARGS", "to_image"]
@@ -61,7 +62,8 @@ class Session:
         workdir (`str`): this session's folder for outputs.
         truth (`np.ndarray` of shape `(X, Y, Z, T)`, *optional*): noise-free
             target volumes (phantom only).
-        truth_fa (`np.ndarray` of shape `(X, Y, Z)`, *optional*): true FA (phantom only).
+        truth_tensor ([`~qid2_diffusers.tensor.TensorMaps`], *optional*): tensor
+            maps of the noise-free series, the FA truth (phantom only).
         label (`str`): what was loaded, for messages.
     """
 
@@ -73,7 +75,7 @@ class Session:
     targets: np.ndarray
     workdir: str
     truth: np.ndarray | None = None
-    truth_fa: np.ndarray | None = None
+    truth_tensor: TensorMaps | None = None
     label: str = ""
 
     def dwi(self):
@@ -127,12 +129,16 @@ def open_upload(dwi_file, bvals_file, bvecs_file, shell: float, workdir: str) ->
 
 def open_example(workdir: str) -> Session:
     """A session for the seeded phantom example (truth known)."""
-    ex = make_example(workdir)
+    return example_session(make_example(workdir), workdir)
+
+
+def example_session(ex, workdir: str) -> Session:
+    """The session of a made [`~qid2_diffusers.example.Example`]."""
     subject = ex.subject
     return Session(
         str(ex.paths[0]), str(ex.paths[1]), str(ex.paths[2]), shell=1000.0, mask=subject.mask,
         targets=ex.target_bvecs, workdir=workdir, truth=subject.signal[..., ex.target_volumes],
-        truth_fa=subject.fa, label=f"phantom example: {subject.dwi.shape[:3]} voxels, 30 of 90 directions acquired",
+        truth_tensor=ex.truth_tensor(), label=f"phantom example: {subject.dwi.shape[:3]} voxels, 30 of 90 directions acquired",
     )
 
 
@@ -195,19 +201,35 @@ def generate_slice(session: Session, z: int, target: np.ndarray, target_index: i
     }
 
 
+def _one_slice(maps: TensorMaps, z: int) -> TensorMaps:
+    return TensorMaps(fa=maps.fa[:, :, z : z + 1], md=maps.md[:, :, z : z + 1], evecs=maps.evecs[:, :, z : z + 1], fit=None)
+
+
 def slice_fa(session: Session, z: int, pipe, *, steps: int | None, seed: int) -> dict:
-    """FA on slice ``z`` from the acquired shell and after synthesising every target there."""
+    """Tensor fits of slice ``z``: acquired shell only, and after synthesising every target there.
+
+    Returns:
+        `dict` of [`TensorMaps`] of shape `(X, Y, 1)`: ``before``, ``after``
+        and, for the phantom, ``truth``; plus ``metrics`` (label ->
+        :func:`~qid2_diffusers.evaluation.tensor_metrics`) against the truth.
+    """
     sub = session.shell_dwi()
     mask = _slice_mask(session.mask, z)
     upsampler = QID2Upsampler(pipe, num_inference_steps=steps, seed=seed)
     pred = upsampler.predict(sub.data, sub.bvals, sub.bvecs, session.targets, mask)[:, :, z : z + 1]
     acquired = np.asarray(sub.data[:, :, z : z + 1, :], dtype=np.float32)
     m = mask[:, :, z : z + 1]
-    before = fit_tensor(acquired, sub.bvals, sub.bvecs, m).fa[:, :, 0]
-    bvals = np.concatenate([sub.bvals, np.full(len(session.targets), np.median(sub.bvals[sub.bvals > 50]))])
-    after = fit_tensor(np.concatenate([acquired, pred], axis=3), bvals,
-                       np.concatenate([sub.bvecs, session.targets]), m).fa[:, :, 0]
-    return {"before": before, "after": after, "truth": None if session.truth_fa is None else session.truth_fa[:, :, z]}
+    _, dw = split_scheme(sub.bvals, sub.bvecs)
+    bvals = np.concatenate([sub.bvals, np.full(len(session.targets), np.median(sub.bvals[dw]))])
+    out = {
+        "before": fit_tensor(acquired, sub.bvals, sub.bvecs, m),
+        "after": fit_tensor(np.concatenate([acquired, pred], axis=3), bvals, np.concatenate([sub.bvecs, session.targets]), m),
+        "truth": None if session.truth_tensor is None else _one_slice(session.truth_tensor, z),
+        "metrics": {},
+    }
+    if out["truth"] is not None and m.any():
+        out["metrics"] = {k: tensor_metrics(out[k], out["truth"], m) for k in ("before", "after")}
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -330,14 +352,13 @@ def build_demo(model: str | None = None) -> gr.Blocks:
             raise gr.Error("Load a series or the phantom example first.")
         pipe = pipeline_for(r, scheduler)
         fa = slice_fa(session, int(z), pipe, steps=int(steps), seed=int(seed))
-        text = f"FA on slice {int(z)} from b0 + {len(session.targets)} synthesised directions."
-        if fa["truth"] is not None:
-            m = session.mask[:, :, int(z)]
-            if m.any():
-                err = {k: float(np.mean(np.abs(fa[k][m] - fa["truth"][m]))) for k in ("before", "after")}
-                text += f" FA error vs truth: acquired only {err['before']:.3f}, up-sampled {err['after']:.3f}."
-        return (to_image(fa["before"], 1.0), to_image(fa["after"], 1.0),
-                None if fa["truth"] is None else to_image(fa["truth"], 1.0), text)
+        text = f"FA on slice {int(z)}: acquired directions, then with the {len(session.targets)} synthesised ones added."
+        if fa["metrics"]:
+            before, after = fa["metrics"]["before"], fa["metrics"]["after"]
+            text += (f" FA error against the truth (mean absolute): acquired only {before['fa_mae']:.3f}, "
+                     f"up-sampled {after['fa_mae']:.3f}.")
+        images = [None if fa[k] is None else to_image(fa[k].fa[:, :, 0], 1.0) for k in ("before", "after", "truth")]
+        return (*images, text)
 
     def on_volume(session, r, scheduler, steps, seed, samples, progress=gr.Progress(track_tqdm=True)):
         if session is None:

@@ -85,12 +85,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     ap.add_argument("--scheduler", help="sampler (default: the model's)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default: torch's choice)")
     ap.add_argument("--hcp", action="store_true", help="benchmark a 145x174x145 series instead of the example")
     ap.add_argument("--hcp-slices", type=int, default=4, help="central slices in the --hcp mask; 0 = whole brain")
     args = ap.parse_args()
 
-    extra = ["--device", args.device]
+    extra = ["--device", args.device, "--dtype", args.dtype]
     for flag, value in (("--model", args.model), ("--steps", args.steps), ("--scheduler", args.scheduler)):
         if value is not None:
             extra += [flag, str(value)]

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from qid2_diffusers import QID2Pipeline, build_pipeline
 from qid2_diffusers.directions import complement, uniform_directions, uniform_subset
 from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
+from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler
 from qid2_diffusers.upsampling import QID2Upsampler, brain_bounding_box, brain_slices
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,7 +46,8 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--scheduler-from", help="a pipeline folder whose scheduler and default steps to use "
-                    "(default: the shipped model's)")
+                    "(default: the shipped model's, if any)")
+    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="override the sampler")
     ap.add_argument("--steps", type=int, help="override the step count")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--json")
@@ -54,10 +56,14 @@ def main():
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     pipe = build_pipeline(args.preset, args.R)
-    source = args.scheduler_from or QID2Pipeline.default_model_path(args.R)
-    trained = QID2Pipeline.from_pretrained(source)
-    pipe.scheduler = trained.scheduler
-    steps = args.steps or trained.config.default_num_inference_steps
+    try:
+        trained = QID2Pipeline.from_pretrained(args.scheduler_from or QID2Pipeline.default_model_path(args.R))
+        pipe.scheduler, steps = trained.scheduler, trained.config.default_num_inference_steps
+    except FileNotFoundError:
+        steps = None
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    steps = args.steps or steps or 10
     pipe.register_to_config(default_num_inference_steps=steps)
     pipe.to(device, dtype)
 

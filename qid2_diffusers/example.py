@@ -50,16 +50,28 @@ class Example:
         return self.subject.bvecs[self.target_volumes]
 
     @property
+    def shell_volumes(self) -> np.ndarray:
+        """Every b0 and all 90 directions, in series order."""
+        return np.sort(np.concatenate([self.input_volumes, self.target_volumes]))
+
+    def truth_tensor(self):
+        """Tensor maps of the noise-free series: the truth every FA error is measured against.
+
+        The phantom defines its true FA as an OLS fit of the noise-free
+        signal in its mask; this is that fit, with MD and directions too.
+        """
+        from .tensor import fit_tensor
+
+        s, v = self.subject, self.shell_volumes
+        return fit_tensor(s.signal[..., v], s.bvals[v], s.bvecs[v], s.mask, fit_method="OLS")
+
+    @property
     def dwi_path(self) -> Path:
         return self.paths[0]
 
     @property
     def mask_path(self) -> Path:
         return self.paths[3]
-
-    def truth_signal(self, target: int, z: int) -> np.ndarray:
-        """Noise-free slice ``z`` of target ``target``: what a perfect up-sampler would give."""
-        return self.subject.signal[:, :, z, self.target_volumes[target]]
 
 
 def make_example(out_dir, *, seed: int = EXAMPLE_SEED, slab: int = EXAMPLE_SLAB, n_acquired: int = 30) -> Example:
@@ -153,11 +165,8 @@ def run_example(
     )
     paths = result.save(prefix, dwi.affine, dwi.header)
 
-    subject, mask = example.subject, example.subject.mask
-    shell = np.sort(np.concatenate([example.input_volumes, example.target_volumes]))
-    # The phantom's truth FA is an OLS fit of the noise-free series; fitting
-    # it the same way gives the full tensor truth (FA, MD, directions).
-    truth = fit_tensor(subject.signal[..., shell], subject.bvals[shell], subject.bvecs[shell], mask, fit_method="OLS")
+    subject, mask, shell = example.subject, example.subject.mask, example.shell_volumes
+    truth = example.truth_tensor()
     inputs = dwi.data[...]
     fits = {
         "QID² (b0 + 30 + 60 synthesised)": fit_tensor(result.data, result.bvals, result.bvecs, mask),

@@ -112,7 +112,8 @@ class SliceUpsampler(VolumeUpsampler):
         """
         raise NotImplementedError
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None, *, target_indices=None, return_std=False, axis=2):
+    def predict(self, data, bvals, bvecs, target_bvecs, mask=None, *, target_indices=None, return_std=False, axis=2,
+                out=None):
         """See :meth:`VolumeUpsampler.predict`.
 
         Args:
@@ -122,10 +123,14 @@ class SliceUpsampler(VolumeUpsampler):
             return_std (`bool`, *optional*, defaults to `False`): also return
                 the per-voxel standard deviation over samples.
             axis (`int`, *optional*, defaults to 2): slice axis (2 = axial).
+            out (`np.ndarray` of shape `(X, Y, Z, T)`, *optional*): zero-filled
+                float32 array (or view, e.g. the tail of a whole output series)
+                to write into instead of allocating one; it is returned.
         """
         if axis != 2:
             data = np.moveaxis(np.asarray(data), axis, 2)
             mask = None if mask is None else np.moveaxis(np.asarray(mask), axis, 2)
+            out = None if out is None else np.moveaxis(out, axis, 2)
         shape = tuple(data.shape)
         if len(shape) != 4:
             raise ValueError(f"data must be 4D (X, Y, Z, N), got shape {shape}")
@@ -143,8 +148,11 @@ class SliceUpsampler(VolumeUpsampler):
             raise ValueError(f"mask shape {mask.shape} does not match the data's {shape[:3]}")
 
         t_count = len(targets)
-        out = np.zeros(shape[:3] + (t_count,), dtype=np.float32)
-        std = np.zeros_like(out) if return_std else None
+        if out is None:
+            out = np.zeros(shape[:3] + (t_count,), dtype=np.float32)
+        elif out.shape != shape[:3] + (t_count,):
+            raise ValueError(f"out has shape {out.shape}, expected {shape[:3] + (t_count,)}")
+        std = np.zeros(shape[:3] + (t_count,), dtype=np.float32) if return_std else None
         bx, by = brain_bounding_box(mask)
         jobs = [(z, t) for z in brain_slices(mask) for t in range(t_count)]
         bar = tqdm(total=len(jobs), desc="slices x targets", unit="slice", disable=not self.progress)

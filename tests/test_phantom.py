@@ -271,3 +271,14 @@ def test_library_rejects_bad_options():
         make_subject(0, slab=0)
     with pytest.raises(QID2InputError, match="shells"):
         make_subject(0, slab=1, shells=())
+
+
+def test_parallel_cohort_equals_serial(tmp_path):
+    serial = write_cohort(tmp_path / "serial", 2, 5, slab=1, progress=False)
+    parallel = write_cohort(tmp_path / "parallel", 2, 5, slab=1, progress=False, jobs=2)
+    assert [p.name for p in parallel] == [p.name for p in serial]
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(
+            np.asanyarray(nib.load(a / "T1w" / "Diffusion" / "data.nii.gz").dataobj),
+            np.asanyarray(nib.load(b / "T1w" / "Diffusion" / "data.nii.gz").dataobj),
+        )

@@ -111,7 +111,7 @@ def _bad_cases(tmp_path, tiny_model_dir):
         "model R": (["--R", "6"], "trained for R = 3 references, not R = 6"),
         "targets text": (["--targets", str(tmp_path / "bad.bvec")], "malformed targets file"),
         "targets shape": (["--targets", str(tmp_path / "two_rows.bvec")], "expected 3 rows (FSL bvec) or 3 columns"),
-        "output folder": (["--out", str(tmp_path / "a_file" / "sub" / "up")], "output folder is not writable"),
+        "output folder": (["--out", str(tmp_path / "a_file" / "sub" / "up")], "is a file, so the output folder cannot be created"),
         "shell": (["--shell", "1000"], "no b=1000 shell; shells present: b=3000 (60 volumes)"),
         "samples": (["--num-samples", "0"], "--num-samples must be at least 1"),
     }

@@ -24,6 +24,7 @@ def add_parser(subparsers):
     p.add_argument("--snr", default="25", help="white-matter b0 SNR (default 25; 'inf' for no noise)")
     p.add_argument("--shells", default="1000", metavar="B[,B...]", help="b-values of the shells, e.g. 1000,2000,3000 (default 1000)")
     p.add_argument("--slab", default=None, metavar="K", help="keep only the K central axial slices (small, fast cohorts)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="subjects simulated in parallel processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
@@ -72,6 +73,6 @@ def run(args) -> int:
         slab = _integer(args.slab, "--slab", 1)
         if slab > n_slices:
             raise QID2InputError("--slab", f"the {resolution:g} mm grid has only {n_slices} axial slices, got {slab}")
-    paths = write_cohort(args.out, n_subjects, seed, resolution=resolution, snr=snr, shells=shells, slab=slab, progress=not args.quiet)
+    paths = write_cohort(args.out, n_subjects, seed, resolution=resolution, snr=snr, shells=shells, slab=slab, progress=not args.quiet, jobs=max(1, args.jobs))
     print(f"wrote {len(paths)} phantom subject(s) to {args.out}")
     return 0

@@ -163,18 +163,23 @@ def choose_targets(acquired_bvecs, *, targets_path=None, n_targets=None, scheme=
 def check_writable(prefix) -> Path:
     """Check, before the long run, that ``PREFIX.*`` can be written; returns the prefix.
 
-    Creates the output folder if needed and writes (then removes) a probe file.
+    Writes (then removes) a probe file in the output folder, or in its
+    nearest existing parent when the folder is still to be created; nothing
+    is created here, so a run that fails later leaves nothing behind.
     """
     prefix = Path(prefix).expanduser()
     if prefix.is_dir():
         raise QID2InputError(prefix, "is a folder; --out takes a file prefix such as out/sub-01_upsampled")
-    folder = prefix.parent
+    existing = prefix.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QID2InputError(existing, "is a file, so the output folder cannot be created there")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".qid2-probe-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".qid2-probe-"):
             pass
     except OSError as exc:
-        raise QID2InputError(folder, f"output folder is not writable ({exc.strerror or exc.__class__.__name__})") from None
+        raise QID2InputError(existing, f"output folder is not writable ({exc.strerror or exc.__class__.__name__})") from None
     return prefix
 
 
@@ -242,9 +247,10 @@ def upsample_dwi(
 
     # The output holds every input volume anyway: read each once, in file
     # order (one pass through a .nii.gz), and sample from memory rather than
-    # decompressing the file again for every slice.
+    # decompressing the file again for every slice. Synthesised volumes are
+    # written straight into its tail (zero outside the mask), never copied.
     n_in, n_t = dwi.n_volumes, len(targets)
-    out = np.empty(dwi.shape[:3] + (n_in + (n_t if main else 0),), dtype=np.float32)
+    out = np.zeros(dwi.shape[:3] + (n_in + (n_t if main else 0),), dtype=np.float32)
     for k in range(n_in):
         out[..., k] = dwi.volume(k)
     # The volumes extract_shell keeps; a single-shell series is one range, so a view, not a copy.
@@ -262,11 +268,14 @@ def upsample_dwi(
     want_std = num_samples > 1
 
     def predict(indices):
+        """Predictions ``(indices, volumes or None if written into out, std)`` of a contiguous run of targets."""
         if not indices:
             return indices, None, None
+        into = out[..., n_in + indices[0] : n_in + indices[-1] + 1] if main else None
         result = upsampler.predict(shell_data, sub.bvals, sub.bvecs, targets[indices], mask,
-                                   target_indices=indices, return_std=want_std)
-        return (indices, *result) if want_std else (indices, result, None)
+                                   target_indices=indices, return_std=want_std, out=into)
+        pred, std = result if want_std else (result, None)
+        return indices, None if main else pred, std
 
     everything = list(range(n_t))
     if state is None or state.num_processes == 1:
@@ -280,12 +289,14 @@ def upsample_dwi(
         if not main:
             return None
 
-    std = np.zeros(dwi.shape[:3] + (n_t,), dtype=np.float32) if want_std else None
+    std = None
+    if want_std:
+        std = parts[0][2] if len(parts) == 1 else np.zeros(dwi.shape[:3] + (n_t,), dtype=np.float32)
     for indices, pred, part_std in parts:
-        if indices:
+        if pred is not None:
             out[..., n_in + np.asarray(indices)] = pred
-            if want_std:
-                std[..., indices] = part_std
+        if want_std and len(parts) > 1 and indices:
+            std[..., indices] = part_std
     b = float(np.median(sub.bvals[dw]))
     return UpsampleResult(
         data=out,
@@ -376,6 +387,10 @@ def run(args) -> int:
     from ..hub import load_pipeline
 
     diffusers_logging.disable_progress_bar()
+    for name in ("steps", "num_samples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.example:
         from ..example import run_example
 
@@ -394,14 +409,9 @@ def run(args) -> int:
         return 0
     if args.dwi is None or args.out is None:
         raise QID2InputError(None, "--dwi and --out are required (or run --example)")
-    for name in ("steps", "num_samples", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
     state = _state(args.device)
     main = state is None or state.is_main_process
-    prefix = check_writable(args.out)
     dwi = load_dwi(args.dwi, args.bvals, args.bvecs, args.mask)
     acquired = extract_shell(dwi, args.shell)
     targets = choose_targets(
@@ -414,6 +424,7 @@ def run(args) -> int:
     pipe = load_pipeline(
         args.model, num_references=args.num_references, scheduler=args.scheduler, device=device, dtype=args.dtype
     )
+    prefix = check_writable(args.out)
     b = float(np.median(acquired.bvals[acquired.bvals > acquired.b0_threshold]))
     if main and abs(b - TRAINED_SHELL) > 0.05 * TRAINED_SHELL:
         _warn(f"the model was trained at b={TRAINED_SHELL:g}; up-sampling the b={b:g} shell is outside its training data")

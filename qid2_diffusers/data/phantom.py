@@ -1059,7 +1059,13 @@ def write_subject(subject: PhantomSubject, root, subject_id: str) -> Path:
     return final
 
 
-def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float = 2.5, snr: float = 25.0, shells=(1000,), slab=None, progress: bool = True) -> list[Path]:
+def _write_one(job) -> Path:
+    out_dir, i, seed, resolution, snr, shells, slab = job
+    subject = make_subject(subject_seed(seed, i), resolution=resolution, snr=snr, shells=shells, slab=slab)
+    return write_subject(subject, out_dir, f"phantom-{i:03d}")
+
+
+def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float = 2.5, snr: float = 25.0, shells=(1000,), slab=None, progress: bool = True, jobs: int = 1) -> list[Path]:
     """Simulate and write ``n_subjects`` phantoms ``phantom-000``, ``phantom-001``, ...
 
     Subject ``i`` is drawn with :func:`subject_seed` ``(seed, i)``, so a cohort
@@ -1074,6 +1080,8 @@ def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float = 2.5
         shells (`tuple` of `float`, *optional*, defaults to `(1000,)`): b-values.
         slab (`int`, *optional*): central axial slices only.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar.
+        jobs (`int`, *optional*, defaults to 1): subjects simulated in parallel
+            processes; every subject is the same whatever the number.
 
     Returns:
         `list` of subject folders.
@@ -1085,11 +1093,16 @@ def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float = 2.5
     _check_options(seed, float(resolution), float(snr), tuple(float(b) for b in shells))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in tqdm(range(n_subjects), desc="phantom", unit="subject", disable=not progress):
-        subject = make_subject(subject_seed(seed, i), resolution=resolution, snr=snr, shells=shells, slab=slab)
-        paths.append(write_subject(subject, out_dir, f"phantom-{i:03d}"))
-    return paths
+    work = [(out_dir, i, seed, resolution, snr, tuple(shells), slab) for i in range(n_subjects)]
+    bar = dict(desc="phantom", unit="subject", total=n_subjects, disable=not progress)
+    if jobs <= 1 or n_subjects == 1:
+        return [_write_one(job) for job in tqdm(work, **bar)]
+    import multiprocessing
+
+    # Forked workers inherit the imported package and the cached scheme.
+    hcp_scheme(shells=tuple(shells))
+    with multiprocessing.get_context("fork").Pool(min(jobs, n_subjects)) as pool:
+        return list(tqdm(pool.imap(_write_one, work), **bar))
 
 
 def load_truth(subject_dir, *, signal: bool = True) -> dict:
