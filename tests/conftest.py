@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "real"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny networks on a 2-core machine: a second OpenMP thread waiting for a
+    # core busy with another process makes every op many times slower.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     if not (REAL_DATA / "msmt.nii.gz").is_file():

@@ -23,13 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small networks on a busy 2-core machine: a second thread waiting for a core only slows every op down.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _inputs(b=2, r=3, h=20, w=24, seed=0):

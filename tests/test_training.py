@@ -25,14 +25,6 @@ import train_qid2  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small networks on a busy 2-core machine: a second OpenMP thread that has
-    # to wait for a core makes every op many times slower, never faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batch(b=4, r=3, h=16, w=16, seed=0):

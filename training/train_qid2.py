@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from qid2_diffusers import QID2Pipeline, build_pipeline  # noqa: E402
 from qid2_diffusers.pipelines.pipeline_qid2 import _crop, pad_to_multiple  # noqa: E402
-from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
+from qid2_diffusers.errors import QID2InputError  # noqa: E402
+from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler, training_scheduler  # noqa: E402
 from qid2_diffusers.upsampling import QID2Upsampler  # noqa: E402
 
 #: Learning rate when neither the command line nor the config gives one
@@ -50,6 +51,8 @@ DEFAULT_LEARNING_RATE = 1e-4
 def parse_args(argv=None):
     parser = common.base_parser("Train QID² for q-space up-sampling of diffusion MRI.")
     g = parser.add_argument_group("QID²")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="Start from a saved QID² pipeline (folder or Hub id) instead of random weights: fine-tuning.")
     g.add_argument("--prediction_type", type=str, default="v_prediction", choices=["epsilon", "v_prediction", "sample"],
                    help="What the U-Net predicts. The paper's epsilon gives poor few-step samples on small budgets.")
     g.add_argument("--inference_scheduler", type=str, default="ddim", choices=sorted(SCHEDULERS),
@@ -127,7 +130,21 @@ def main(args) -> int:
     data = common.load_training_data(args, accelerator)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    pipe = build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed)
+    if args.pretrained_model_name_or_path:
+        # Fine-tuning: the networks start from a saved pipeline (float32 for
+        # training even if it was saved fp16); the training schedule is rebuilt
+        # so --prediction_type must match the one it was trained with.
+        pipe = QID2Pipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=torch.float32)
+        if pipe.num_references != args.R:
+            raise QID2InputError(args.pretrained_model_name_or_path, f"was trained for R = {pipe.num_references}, not --R {args.R}")
+        if pipe.scheduler.config.prediction_type != args.prediction_type:
+            raise QID2InputError(
+                args.pretrained_model_name_or_path,
+                f"predicts {pipe.scheduler.config.prediction_type}, not --prediction_type {args.prediction_type}",
+            )
+        pipe.scheduler = training_scheduler(args.prediction_type)
+    else:
+        pipe = build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed)
     noise_scheduler = pipe.scheduler
     denoiser = QID2Denoiser(pipe.unet, pipe.direction_encoder)
     denoiser.train()

@@ -93,11 +93,11 @@ def add_parser(subparsers) -> None:
             "model repository, created if needed. Log in first with `hf auth login`, or pass --token."
         ),
     )
-    p.add_argument("--model", required=True, help="the pipeline folder to upload")
-    p.add_argument("--repo-id", required=True, help="target repository, ORG/NAME")
+    p.add_argument("--model", required=True, metavar="DIR", help="the pipeline folder to upload")
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="target repository, ORG/NAME")
     p.add_argument("--private", action="store_true", help="create the repository private")
-    p.add_argument("--token", help="Hub access token (default: the logged-in one or $HF_TOKEN)")
-    p.add_argument("--commit-message", default="Upload QID² pipeline", help="commit message")
+    p.add_argument("--token", metavar="TOKEN", help="Hub access token (default: the logged-in one or $HF_TOKEN)")
+    p.add_argument("--commit-message", default="Upload QID² pipeline", metavar="TEXT", help="commit message")
     p.add_argument("--dry-run", action="store_true", help="check the folder and list what would be uploaded; upload nothing")
     p.set_defaults(run=run)
 

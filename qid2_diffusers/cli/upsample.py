@@ -315,18 +315,18 @@ def _voxel_size(dwi):
 def add_model_arguments(p) -> None:
     """The model and sampling options shared by ``qid2 upsample`` and its ``--example``."""
     g = p.add_argument_group("model and sampling")
-    g.add_argument("--model", help="model folder or Hugging Face Hub id (default: the shipped model for --R)")
-    g.add_argument("--R", type=int, default=None, dest="num_references",
+    g.add_argument("--model", metavar="PATH_OR_HUB_ID", help="model folder or Hugging Face Hub id (default: the shipped model for --R)")
+    g.add_argument("--R", type=int, default=None, dest="num_references", metavar="R",
                    help="reference slices per target; the model must be trained for it (default: the model's, 3 for the shipped one)")
-    g.add_argument("--scheduler", help="sampler: ddpm, ddim, dpm++, unipc or euler (default: the one saved with the model)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the model's default_num_inference_steps)")
-    g.add_argument("--num-samples", type=int, default=1,
+    g.add_argument("--scheduler", metavar="NAME", help="sampler: ddpm, ddim, dpm++, unipc or euler (default: the one saved with the model)")
+    g.add_argument("--steps", type=int, metavar="K", help="denoising steps (default: the model's default_num_inference_steps)")
+    g.add_argument("--num-samples", type=int, default=1, metavar="S",
                    help="samples averaged per target; above 1 also writes PREFIX_std.nii.gz (default: 1)")
-    g.add_argument("--batch-size", type=int,
+    g.add_argument("--batch-size", type=int, metavar="B",
                    help="(slice, target) pairs per network call (default: 32 on a GPU; on the CPU as many as fit 2^18 pixels)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    g.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
-    g.add_argument("--seed", type=int, default=0, help="base seed; same seed, same output (default: 0)")
+    g.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or mps (default: auto)")
+    g.add_argument("--dtype", default="fp32", metavar="DTYPE", help="fp32, fp16 or bf16 (default: fp32)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="base seed; same seed, same output (default: 0)")
 
 
 def add_parser(subparsers) -> None:
@@ -340,21 +340,21 @@ def add_parser(subparsers) -> None:
         ),
     )
     g = p.add_argument_group("input and output")
-    g.add_argument("--dwi", help="4D NIfTI series (.nii or .nii.gz)")
-    g.add_argument("--bvals", help="FSL bval file (default: next to --dwi)")
-    g.add_argument("--bvecs", help="FSL bvec file (default: next to --dwi)")
-    g.add_argument("--mask", help="brain mask NIfTI (default: dipy median_otsu on the mean b0)")
-    g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to up-sample (default: 1000)")
-    g.add_argument("--out", help="output prefix: writes PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec")
+    g.add_argument("--dwi", metavar="IN.nii.gz", help="4D NIfTI series (.nii or .nii.gz)")
+    g.add_argument("--bvals", metavar="IN.bval", help="FSL bval file (default: next to --dwi)")
+    g.add_argument("--bvecs", metavar="IN.bvec", help="FSL bvec file (default: next to --dwi)")
+    g.add_argument("--mask", metavar="MASK.nii.gz", help="brain mask NIfTI (default: dipy median_otsu on the mean b0)")
+    g.add_argument("--shell", type=float, default=1000.0, metavar="B", help="b-value of the shell to up-sample (default: 1000)")
+    g.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec")
     t = p.add_argument_group("target directions (at most one; default --n-targets 90)")
-    t.add_argument("--targets", help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise")
-    t.add_argument("--n-targets", type=int, help="synthesise a uniform N-direction scheme's directions not acquired")
-    t.add_argument("--scheme", help="named scheme to complete: hcp90 (the phantom's 90 directions at b=1000)")
+    t.add_argument("--targets", metavar="T.bvec", help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise")
+    t.add_argument("--n-targets", type=int, metavar="N", help="synthesise a uniform N-direction scheme's directions not acquired")
+    t.add_argument("--scheme", metavar="NAME", help="named scheme to complete: hcp90 (the phantom's 90 directions at b=1000)")
     add_model_arguments(p)
     e = p.add_argument_group("example")
     e.add_argument("--example", action="store_true",
                    help="make a seeded phantom with 30 directions, up-sample it to 90 and report FA errors")
-    e.add_argument("--out-dir", default=".", help="folder for the example's files (default: the current folder)")
+    e.add_argument("--out-dir", default=".", metavar="DIR", help="folder for the example's files (default: the current folder)")
     p.set_defaults(run=run)
 
 
