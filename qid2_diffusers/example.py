@@ -19,8 +19,9 @@ __all__ = ["EXAMPLE_SEED", "EXAMPLE_SLAB", "EXAMPLE_PREFIX", "Example", "make_ex
 #: Phantom seed of the example. Training cohorts draw their subjects' seeds
 #: with ``subject_seed``, so this subject is not one the model has seen.
 EXAMPLE_SEED = 2024
-#: Central axial slices kept: enough to see anatomy, few enough to run in minutes on a laptop.
-EXAMPLE_SLAB = 8
+#: Central axial slices kept: enough to see anatomy, few enough that 60 targets x 6
+#: slices x the default 10 DDIM steps run in under 3 minutes on 2 CPU cores.
+EXAMPLE_SLAB = 6
 #: File name prefix of everything the example writes.
 EXAMPLE_PREFIX = "qid2_example"
 

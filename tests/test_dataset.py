@@ -244,3 +244,15 @@ def test_rotation_keeps_tensor_fit_consistent(signs):
     if signs[0] < 0:  # ignoring FSL's x flip on a neurological image is the same mistake
         geometry, fitted = _fit_band(15.0, 1.0, 15.0, signs, np.ones(3))
         assert abs(wrap180(fitted - geometry)) > 25.0
+
+
+def test_concurrent_builders_of_one_cache_agree(subject, tmp_path):
+    # Training processes launched together build the same cache at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: build_cache(subject, tmp_path / "cache", subject_id="s"), range(4)))
+    assert len(set(folders)) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folders[0].name]  # no temporaries left
+    ds = QID2Dataset([folders[0]], num_references=3)
+    assert torch.isfinite(ds[0]["target"]).all()

@@ -17,7 +17,9 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 cd "$(dirname "$0")/.."
 qid2() { "$PY" -m qid2_diffusers.cli "$@"; }
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# One OpenMP thread per process: four runs x (main + loader workers) share
+# the host's cores, and oversubscribed torch threads starved the GPU (4 steps/s).
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 
 if [[ "${QID2_SHIP_SMOKE:-0}" == 1 ]]; then
   N_TRAIN=2; N_VAL=1; N_TEST=3; SLAB="--slab 3"; PRESET=tiny; TRAIN_ARGS=(--max_train_steps 4 --train_batch_size 4)
@@ -42,6 +44,7 @@ qid2 phantom --out "$WORK/train" --subjects "$N_TRAIN" --seed 1000 --jobs "$JOBS
 qid2 phantom --out "$WORK/val" --subjects "$N_VAL" --seed 2000 --jobs "$JOBS" --quiet $SLAB
 qid2 phantom --out "$WORK/test" --subjects "$N_TEST" --seed 3000 --jobs "$JOBS" --quiet $SLAB
 
+# One cache for the four runs: build_cache lets concurrent builders agree.
 common=(--data_dir "$WORK/train" --validation_data_dir "$WORK/val" --cache_dir "$WORK/cache" --preset "$PRESET" --learning_rate 2e-4
         --max_train_time_minutes "$MINUTES" "${TRAIN_ARGS[@]}" --dataloader_num_workers 3 --report_to tensorboard)
 stamp "training 4 models side by side for $MINUTES min"

@@ -122,8 +122,7 @@ def build_cache(
     }
     cache_dir = Path(cache_dir)
     folder = cache_dir / f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}"
-    existing = _read_meta(folder)
-    if existing is not None and existing.get("params") == params:
+    if _cache_matches(folder, params):
         return folder
 
     members = shell_indices(dwi.bvals, shell, b0_threshold=dwi.b0_threshold, path=dwi.path)
@@ -181,13 +180,28 @@ def build_cache(
             "affine": np.asarray(dwi.affine).tolist(),
         }
         (tmp / _META).write_text(json.dumps(meta))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        # Several training processes may build the same cache at once: the
+        # first to finish wins, the others keep its folder; a stale cache is
+        # moved aside in one rename, so no reader ever sees a half-replaced one.
+        if not _cache_matches(folder, params):
+            if folder.exists():
+                stale = cache_dir / f".{folder.name}.{uuid.uuid4().hex[:12]}.stale"
+                os.replace(folder, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not _cache_matches(folder, params):
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def _cache_matches(folder: Path, params: dict) -> bool:
+    existing = _read_meta(folder)
+    return existing is not None and existing.get("params") == params
 
 
 class _Subject:
