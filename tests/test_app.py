@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qid2_diffusers.example import EXAMPLE_SLAB
+
 gr = pytest.importorskip("gradio")
 
 from qid2_diffusers import build_pipeline  # noqa: E402
@@ -142,7 +144,7 @@ def test_api_example_then_generate(served):
     assert blocks.max_file_size == 512 * 1024**2
     client = Client(url, verbose=False)
     status, z, target = client.predict(api_name="/example")
-    assert "phantom example" in status and z["maximum"] == 7 and len(target["choices"]) == 60
+    assert "phantom example" in status and z["maximum"] == EXAMPLE_SLAB - 1 and len(target["choices"]) == 60
     gallery, generated, truth, std, info = client.predict(
         int(z["value"]), 4, False, 0, 0, 3, "ddim", 2, 1, 2, api_name="/generate"
     )
