@@ -1,19 +1,34 @@
-"""Time and memory of the README's main job, and of ``qid2 upsample`` on an HCP-sized series.
+"""Time and memory of ``qid2 upsample``: the README's main job, whole phantom subjects, the naive loop.
 
-    python benchmarks/bench_example.py                          # qid2 upsample --example, shipped model
-    python benchmarks/bench_example.py --model DIR --steps 10   # another model / step count
-    python benchmarks/bench_example.py --hcp                    # 145x174x145 (6 b0 + 30) series, peak RSS
+    python benchmarks/bench_example.py                               # qid2 upsample --example, shipped model
+    python benchmarks/bench_example.py --model DIR --steps 10        # another model / step count
+    python benchmarks/bench_example.py --phantom 2.5 --naive-pairs 120
+        # a whole 2.5 mm phantom subject (b0 + 30 -> + 60) with default settings,
+        # and its ratio to the naive loop
+    python benchmarks/bench_example.py --phantom 1.25 --phantom-slices 4   # HCP grid: peak RSS
 
 Each job runs as a fresh ``qid2`` process (imports and model loading
 included, as a user would see it); the figures are its wall time and peak
-resident memory (``ru_maxrss`` of the child). ``--threads N`` pins torch's
+resident memory (the child's own ``VmHWM``). ``--threads N`` pins torch's
 thread count (OMP_NUM_THREADS) to compare with an N-core machine.
 
-``--hcp`` writes a synthetic 145x174x145 series with 6 b0 and 30 directions
-(float32 .nii.gz, as HCP ships) and up-samples it to the 60 missing
-directions of a 90-direction scheme. Memory does not depend on how many
-slices are sampled, so by default only ``--hcp-slices`` central slices are in
-the mask to keep the run short; ``--hcp-slices 0`` samples the whole brain.
+``--phantom RES`` writes one whole phantom subject (seed ``--seed``, not a
+training seed) at RES mm with its 18 b0 and the 30 most uniform of its 90
+directions, and up-samples it back to the 90-direction scheme
+(``--scheme hcp90``): default settings, so the brain mask comes from
+median_otsu and only brain slices are sampled. ``--phantom-slices K`` instead
+passes the phantom's mask cut to K central slices: memory does not depend on
+how many slices are sampled (the input and output series dominate it), so a
+1.25 mm memory figure does not need the hour a whole 1.25 mm subject takes on
+a CPU.
+
+``--naive-pairs N`` then times the loop a naive implementation would run:
+one (slice, target) pair per network call, the whole uncropped slice, every
+slice whether it holds brain or not. N pairs drawn at random (seeded) are
+timed in this process with the same model, sampler, steps and thread count,
+and the mean is extrapolated to all slices x targets (each pair costs the
+same: no pair is skipped or cropped); the ratio is that estimate over the
+measured end-to-end time of ``qid2 upsample``.
 """
 
 from __future__ import annotations
@@ -21,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,52 +45,77 @@ from pathlib import Path
 import numpy as np
 
 
+#: The child reports its own peak RSS (VmHWM, Linux) at exit. ru_maxrss from
+#: wait4 would also count the moment between fork and exec, when the child is
+#: a copy of this process, which holds the phantom (4 GiB at 1.25 mm).
+CHILD = """
+import atexit, sys
+
+def _peak():
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        sys.stderr.write(f"QID2_PEAK_KIB {kib}\\n")
+    except (OSError, StopIteration):
+        pass
+
+atexit.register(_peak)
+from qid2_diffusers.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def run_child(argv, threads=None) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GiB) and stdout of ``qid2 *argv`` in a fresh process."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    code = "import sys; from qid2_diffusers.cli import main; sys.exit(main(sys.argv[1:]))"
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"qid2 {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    # Linux reports ru_maxrss in KiB: the largest child so far, here the only one.
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return seconds, peak, done.stdout
+    peaks = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("QID2_PEAK_KIB ")]
+    if not peaks:
+        sys.exit("the child did not report its peak memory (/proc/self/status has no VmHWM on this system)")
+    return seconds, peaks[-1] / 2**20, done.stdout
 
 
-def synthetic_hcp(folder: Path, n_b0: int = 6, n_dirs: int = 30, slices: int = 8) -> list[str]:
-    """A 145x174x145 series (float32 .nii.gz), its FSL bval/bvec and a mask of ``slices`` central slices."""
-    import nibabel as nib
+def naive_seconds(dwi_path, bval, bvec, target_bvecs, args) -> tuple[float, int, float]:
+    """Estimated seconds of the naive loop over every (slice, target), from ``args.naive_pairs`` timed pairs.
 
-    from qid2_diffusers.data.phantom import phantom_grid
-    from qid2_diffusers.directions import uniform_directions, uniform_subset
+    Returns ``(estimate, pairs in the whole loop, mean seconds per pair)``.
+    """
+    import torch
 
-    shape, affine = phantom_grid(1.25)
-    scheme = uniform_directions(90)
-    bvecs = np.vstack([np.zeros((n_b0, 3)), scheme[uniform_subset(scheme, n_dirs)]])
-    bvals = np.r_[np.zeros(n_b0), np.full(n_dirs, 1000.0)]
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
-    brain = (grid**2).sum(0) < 0.8
-    rng = np.random.default_rng(0)
-    data = np.empty(shape + (len(bvals),), dtype=np.float32)
-    for k, (b, g) in enumerate(zip(bvals, bvecs)):
-        # An anisotropic pattern so the volumes differ by direction, plus noise.
-        signal = 1000.0 * np.exp(-b * 1e-3 * (0.5 + 0.4 * (g[0] * grid[0] + g[1] * grid[1]) ** 2))
-        data[..., k] = brain * signal + rng.normal(0, 20, shape).astype(np.float32)
-    img = nib.Nifti1Image(data, affine)
-    nib.save(img, folder / "dwi.nii.gz")
-    np.savetxt(folder / "dwi.bval", bvals[None], fmt="%g")
-    np.savetxt(folder / "dwi.bvec", bvecs.T, fmt="%.8f")
-    mask = brain.copy()
-    if slices:
-        keep = np.zeros(shape[2], dtype=bool)
-        keep[shape[2] // 2 - slices // 2 : shape[2] // 2 - slices // 2 + slices] = True
-        mask &= keep[None, None, :]
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), folder / "mask.nii.gz")
-    return [str(folder / f) for f in ("dwi.nii.gz", "dwi.bval", "dwi.bvec", "mask.nii.gz")]
+    from qid2_diffusers.data.io import load_dwi
+    from qid2_diffusers.directions import nearest_references, normalize_bvecs
+    from qid2_diffusers.hub import load_pipeline
+    from qid2_diffusers.upsampling import split_scheme
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, device=args.device, dtype=args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    dwi = load_dwi(dwi_path, bval, bvec)
+    data = np.asarray(dwi.data[...], dtype=np.float32)
+    _, dw = split_scheme(dwi.bvals, dwi.bvecs)
+    acquired = normalize_bvecs(dwi.bvecs[dw])
+    targets = normalize_bvecs(target_bvecs)
+    refs = nearest_references(targets, acquired, pipe.num_references)
+    n_slices, n_targets = data.shape[2], len(targets)
+    rng = np.random.default_rng(args.seed)
+    pairs = rng.choice(n_slices * n_targets, size=min(args.naive_pairs, n_slices * n_targets), replace=False)
+    times = []
+    for k, pair in enumerate(pairs):
+        z, t = divmod(int(pair), n_targets)
+        references = np.moveaxis(data[:, :, z, dw[refs[t]]], -1, 0)[None]
+        tic = time.perf_counter()
+        pipe(references, acquired[refs[t]][None], targets[t][None], num_inference_steps=args.steps,
+             generator=torch.Generator().manual_seed(k), output_type="np")
+        times.append(time.perf_counter() - tic)
+    per_pair = float(np.mean(times[1:] if len(times) > 1 else times))  # the first call warms up
+    return per_pair * n_slices * n_targets, n_slices * n_targets, per_pair
 
 
 def main() -> None:
@@ -87,8 +126,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default: torch's choice)")
-    ap.add_argument("--hcp", action="store_true", help="benchmark a 145x174x145 series instead of the example")
-    ap.add_argument("--hcp-slices", type=int, default=4, help="central slices in the --hcp mask; 0 = whole brain")
+    ap.add_argument("--phantom", type=float, metavar="RES", help="a whole phantom subject at RES mm (2.5 or 1.25)")
+    ap.add_argument("--phantom-slices", type=int, metavar="K",
+                    help="pass the phantom's mask cut to K central slices instead of the default median_otsu mask")
+    ap.add_argument("--naive-pairs", type=int, default=0, metavar="N",
+                    help="with --phantom: time N random pairs of the naive loop and report the ratio")
+    ap.add_argument("--seed", type=int, default=2024, help="phantom and naive-pair seed (default: %(default)s)")
     args = ap.parse_args()
 
     extra = ["--device", args.device, "--dtype", args.dtype]
@@ -99,19 +142,44 @@ def main() -> None:
           f"{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory(prefix="qid2-bench-") as tmp:
         tmp = Path(tmp)
-        if args.hcp:
+        if args.phantom:
+            from qid2_diffusers.example import make_example
+
             t0 = time.perf_counter()
-            dwi, bval, bvec, mask = synthetic_hcp(tmp, slices=args.hcp_slices)
-            print(f"wrote the synthetic 145x174x145x36 series in {time.perf_counter() - t0:.0f} s")
-            argv = ["upsample", "--dwi", dwi, "--bvals", bval, "--bvecs", bvec, "--mask", mask,
-                    "--n-targets", "90", "--out", str(tmp / "up"), *extra]
-            label = f"qid2 upsample, 145x174x145, 6 b0 + 30 -> +60 ({args.hcp_slices or 'all'} brain slices)"
+            example = make_example(tmp, seed=args.seed, slab=None, resolution=args.phantom)
+            dwi, bval, bvec, mask = (str(p) for p in example.paths)
+            shape = example.subject.dwi.shape[:3]
+            print(f"wrote a {'x'.join(map(str, shape))} phantom at {args.phantom:g} mm "
+                  f"(18 b0 + 30 of 90 directions) in {time.perf_counter() - t0:.0f} s")
+            argv = ["upsample", "--dwi", dwi, "--bvals", bval, "--bvecs", bvec, "--scheme", "hcp90",
+                    "--out", str(tmp / "up"), *extra]
+            where = "median_otsu mask"
+            if args.phantom_slices:
+                import nibabel as nib
+
+                img = nib.load(mask)
+                cut = np.asarray(img.dataobj).astype(bool)
+                keep = np.zeros(shape[2], dtype=bool)
+                z0 = shape[2] // 2 - args.phantom_slices // 2
+                keep[z0 : z0 + args.phantom_slices] = True
+                nib.save(nib.Nifti1Image((cut & keep).astype(np.uint8), img.affine), tmp / "cut_mask.nii.gz")
+                argv += ["--mask", str(tmp / "cut_mask.nii.gz")]
+                where = f"phantom mask cut to {args.phantom_slices} central slices"
+            label = f"qid2 upsample, {args.phantom:g} mm phantom, 18 b0 + 30 -> +60 ({where})"
+            target_bvecs = example.target_bvecs
+            del example  # the phantom's arrays are not the child's memory, but free them before it runs
         else:
             argv = ["upsample", "--example", "--out-dir", str(tmp), *extra]
             label = "qid2 upsample --example"
         seconds, peak, out = run_child(argv, args.threads)
-    print(out.rstrip())
-    print(f"{label}: {seconds:.1f} s wall, peak RSS {peak:.2f} GiB")
+        print(out.rstrip())
+        print(f"{label}: {seconds:.1f} s wall, peak RSS {peak:.2f} GiB")
+        if args.phantom and args.naive_pairs:
+            estimate, n_pairs, per_pair = naive_seconds(dwi, bval, bvec, target_bvecs, args)
+            print(f"naive loop (1 slice x 1 target per call, whole {shape[0]}x{shape[1]} slice, all {shape[2]} slices): "
+                  f"{per_pair * 1e3:.0f} ms per pair from {args.naive_pairs} timed pairs x {n_pairs} pairs "
+                  f"= {estimate:.0f} s estimated")
+            print(f"ratio naive / qid2 upsample: {estimate / seconds:.1f}x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qid2_diffusers import QID2Pipeline, build_pipeline
 from qid2_diffusers.directions import complement, uniform_directions, uniform_subset
+from qid2_diffusers.hub import compile_unet
 from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
 from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler
 from qid2_diffusers.upsampling import QID2Upsampler, brain_bounding_box, brain_slices
@@ -50,6 +51,7 @@ def main():
     ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="override the sampler")
     ap.add_argument("--steps", type=int, help="override the step count")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the U-Net (compiled in the untimed warm-up)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -66,6 +68,8 @@ def main():
     steps = args.steps or steps or 10
     pipe.register_to_config(default_num_inference_steps=steps)
     pipe.to(device, dtype)
+    if args.compile:
+        compile_unet(pipe, dynamic=True)
 
     rng = np.random.default_rng(0)
     scheme = uniform_directions(90)
@@ -89,7 +93,8 @@ def main():
     passes = len(zs) * len(targets) * steps
 
     up = QID2Upsampler(pipe, batch_size=args.batch_size, seed=0, progress=False)
-    # Warm-up on two slices (kernel selection, allocator), not timed.
+    # Untimed warm-up on two slices (kernel selection, allocator; with --compile the
+    # compilation: dynamic shapes, so the timed run's other batch sizes reuse it).
     warm = np.zeros_like(mask)
     warm[:, :, zs[len(zs) // 2]] = mask[:, :, zs[len(zs) // 2]]
     up.predict(data, bvals, bvecs, targets[:2], warm)
@@ -111,7 +116,7 @@ def main():
         network_passes=int(passes), gflop_per_pass=flop_per_pass / 1e9, total_s=total,
         slices_per_s=len(zs) * len(targets) / total, peak_gpu_mem_gib=peak_mem, achieved_tflops=tflops,
         percent_of_bf16_peak=100 * tflops / args.peak_tflops if device.type == "cuda" else None,
-        output_finite=bool(np.isfinite(out).all()),
+        compiled=bool(args.compile), output_finite=bool(np.isfinite(out).all()),
     )
     for k, v in row.items():
         print(f"{k:>22}: {v}")

@@ -24,10 +24,12 @@ from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def one_pass(pipe, batch, size, device, dtype):
+def one_pass(pipe, batch, size, device, dtype, channels_last=False):
     r = pipe.num_references
     x = torch.randn(batch, 1 + r, *size, device=device, dtype=dtype)
     x, _ = pad_to_multiple(x, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    if channels_last:  # as the pipeline feeds the network
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500, device=device)
     tokens = pipe.direction_encoder(torch.randn(batch, 3, device=device), torch.randn(batch, r, 3, device=device)).to(dtype)
     return lambda: pipe.unet(x, t, encoder_hidden_states=tokens).sample
@@ -42,7 +44,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=DTYPES)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last weights and input")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200 SXM: 989)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
@@ -59,7 +61,7 @@ def main():
         for s in args.sizes.split(","):
             size = tuple(int(v) for v in s.split("x"))
             with torch.inference_mode():
-                fn = one_pass(pipe, args.batch, size, device, dtype)
+                fn = one_pass(pipe, args.batch, size, device, dtype, args.channels_last)
                 with FlopCounterMode(display=False) as counter:
                     fn()
                 flops = counter.get_total_flops() / args.batch

@@ -231,6 +231,8 @@ def test_benchmark_end_to_end_on_a_phantom(phantom_data, tmp_path, tiny_model_di
     assert results["command"].startswith("qid2 benchmark --data") and results["wall_time_s"] > 0
     # 80 kept as acquired leaves 10 targets, which keeps the untrained network's work small.
     assert results["settings"]["n_acquired"] == 80
+    assert (results["settings"]["scheduler"], results["settings"]["steps"]) == ("ddim", 2)
+    assert results["sweep"]["slices"] is None  # --sweep-slices not given: the whole subject
     scores = results["per_subject"]["phantom-000"]
     assert set(scores) == {"qid2-r3", "qgan-r3", "interp-r3", "dti", "sh4", "acquired-all"}
     for key in ("qid2-r3", "qgan-r3", "interp-r3", "dti", "sh4"):

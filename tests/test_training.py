@@ -252,3 +252,38 @@ def test_two_processes_hold_identical_weights_and_the_output_loads(training_coho
     assert "{{" not in card and "accelerate launch --num_processes 2" in card and "sub-00" in card
     assert "| Interp (R=3) |" in card and (out / "validation.png").is_file()
     assert any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_cohort):
+    import average_weights
+    from qid2_diffusers import QID2Pipeline, build_pipeline
+
+    a, b = build_pipeline("tiny", 3, seed=1), build_pipeline("tiny", 3, seed=2)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    out = tmp_path / "soup"
+    code = average_weights.main(["--inputs", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir", str(out),
+                                 "--inference_scheduler", "ddim", "--default_num_inference_steps", "3",
+                                 "--save_dtype", "fp32", "--validation_data_dir", str(training_cohort),
+                                 "--cache_dir", str(tmp_path / "cache"), "--validation_num_slices", "1"])
+    assert code == 0
+    soup = QID2Pipeline.from_pretrained(out)
+    for name in ("unet", "direction_encoder"):
+        sa, sb, ss = (getattr(p, name).state_dict() for p in (a, b, soup))
+        for key in sa:
+            torch.testing.assert_close(ss[key], (sa[key] + sb[key]) / 2, rtol=0, atol=1e-6)
+    assert type(soup.scheduler).__name__ == "DDIMScheduler" and soup.config.default_num_inference_steps == 3
+    assert "_name_or_path" not in json.loads((out / "model_index.json").read_text())
+    summary = json.loads((out / "average_summary.json").read_text())
+    assert summary["command"].startswith("python training/average_weights.py --inputs")
+    # Scored with the training script's validation, Interp and DTI-predict beside it.
+    assert {"average", "interp", "dti"} <= set(summary["validation"])
+    assert np.isfinite(summary["validation"]["average"]["fa_mae"])
+    assert (out / "validation.png").read_bytes()[:4] == b"\x89PNG"
+
+    build_pipeline("tiny", 6, seed=3).save_pretrained(tmp_path / "r6")
+    with pytest.raises(Exception, match="another architecture"):
+        average_weights.main(["--inputs", str(tmp_path / "a"), str(tmp_path / "r6"), "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        average_weights.main(["--inputs", str(tmp_path / "a"), "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "model_index.json").exists()

@@ -26,7 +26,7 @@ if [[ "${QID2_SHIP_SMOKE:-0}" == 1 ]]; then
   SWEEP=(--sweep-steps 2); REF_STEPS=3; SWEEP_SLICES=1; BENCH_SIZE=(--shape 24 28 6); GPU=cpu
 else
   N_TRAIN=24; N_VAL=2; N_TEST=3; SLAB=""; PRESET=small; TRAIN_ARGS=(--max_train_steps 200000 --train_batch_size 64 --allow_tf32)
-  SWEEP=(--sweep-steps 5,10,20,50); REF_STEPS=1000; SWEEP_SLICES=4; BENCH_SIZE=(); GPU=cuda
+  SWEEP=(--sweep-steps 1,2,5,10,20,50); REF_STEPS=1000; SWEEP_SLICES=4; BENCH_SIZE=(); GPU=cuda
 fi
 JOBS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 
@@ -81,16 +81,20 @@ qid2 benchmark --data "$WORK/test" --subjects 1 --methods qid2 --R 3 --model "$O
 wait "$bench3" || true
 wait "$bench6" || true
 tail -n 30 "$WORK"/benchmark-r*.log "$WORK"/sweep*.log
+# The speed issue's table and the default it implies (fewest passes within 5% of DDPM-1000's FA error).
+$PY benchmarks/steps_table.py "$OUT/sweep" "$OUT/sweep-ddpm" --reference "ddpm:$REF_STEPS" > "$OUT/steps_table.md" || true
+cat "$OUT/steps_table.md" || true
 cp "$WORK"/*.log "$OUT/"
-pack results benchmark-r3 benchmark-r6 sweep sweep-ddpm $(cd "$OUT" && ls *.log)
+pack results benchmark-r3 benchmark-r6 sweep sweep-ddpm steps_table.md $(cd "$OUT" && ls *.log)
 
 # Throughput last, alone on the GPU, with what time is left: speed does not
 # depend on the weights (random paper-preset network), only on the step count.
 left=$(( DEADLINE - $(date +%s) ))
 if (( left > 30 )); then
   stamp "GPU throughput ($left s left)"
+  # The shipped pipeline's sampler and steps (the package default).
   timeout $(( left < 150 ? left : 150 )) $PY benchmarks/bench_gpu_volume.py "${BENCH_SIZE[@]}" --device $GPU \
-      --scheduler ddim --steps 10 --json "$OUT/gpu_volume.json" 2>&1 | tee "$OUT/gpu_volume.txt" || true
+      --json "$OUT/gpu_volume.json" 2>&1 | tee "$OUT/gpu_volume.txt" || true
   left=$(( DEADLINE - $(date +%s) ))
   (( left > 15 )) && timeout $(( left < 60 ? left : 60 )) $PY benchmarks/bench_network.py --device $GPU --dtype bf16 \
       --batch 64 --repeats 5 --json "$OUT/network_gpu.json" 2>&1 | tee "$OUT/network_gpu.txt" || true

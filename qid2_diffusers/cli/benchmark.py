@@ -77,9 +77,9 @@ def add_parser(subparsers):
         help="reference counts for QID², the GANs and Interp (default: 3)",
     )
     p.add_argument(
-        "--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="QID² sampler (default: %(default)s)"
+        "--scheduler", choices=sorted(SCHEDULERS), help="QID² sampler (default: the one saved with the model)"
     )
-    p.add_argument("--steps", type=int, default=10, help="QID² sampling steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="QID² sampling steps (default: the model's default_num_inference_steps)")
     p.add_argument(
         "--model",
         nargs="+",
@@ -151,10 +151,8 @@ def _command(args) -> str:
         args.methods,
         "--R",
         *map(str, args.R),
-        "--scheduler",
-        args.scheduler,
-        "--steps",
-        str(args.steps),
+        *(["--scheduler", args.scheduler] if args.scheduler else []),
+        *(["--steps", str(args.steps)] if args.steps else []),
     ]
     for flag in ("model", "cgan", "qgan"):
         if getattr(args, flag):
@@ -496,6 +494,12 @@ def run(args) -> int:
     sweep_pipeline = next((upsamplers[r["key"]].pipeline for r in ran if r["method"] == "qid2"), None)
     if args.sweep_steps and sweep_pipeline is None:
         print("qid2 benchmark: no QID² model ran, so no steps sweep")
+    # The sampler QID² ran with: the flags, else what was saved with the (first) model.
+    sampler = {"scheduler": args.scheduler, "steps": args.steps}
+    if sweep_pipeline is not None:
+        saved = next((n for n, cls in SCHEDULERS.items() if type(sweep_pipeline.scheduler) is cls), None)
+        sampler = {"scheduler": args.scheduler or saved,
+                   "steps": args.steps or sweep_pipeline.config.default_num_inference_steps}
     r_first = next((r["R"] for r in ran if r["R"]), args.R[0])
 
     per_subject, panels, sweep = {}, {}, {}
@@ -568,7 +572,7 @@ def run(args) -> int:
         "Image metrics compare the predicted volumes with the acquired ones at the same directions (SSIM per axial "
         "slice); FA, MD and angle compare a tensor fit on b0 + acquired + predicted volumes with one on b0 + all "
         "acquired volumes" + (" (or, vs truth, on the noise-free signal)." if has_truth else "."),
-        f"QID²: {args.scheduler}, {args.steps} steps, seed {args.seed}.",
+        f"QID²: {sampler['scheduler']}, {sampler['steps']} steps, seed {args.seed}.",
         f"FID: {FID_UNAVAILABLE}" if fid is None else "FID: pooled over the held-out subjects' brain slices.",
     ]
     notes += [f"{row['label']}: {row['status']}" for row in rows if row["status"] != "ok"]
@@ -580,8 +584,8 @@ def run(args) -> int:
             "shell": args.shell,
             "n_acquired": args.n_acquired,
             "R": args.R,
-            "scheduler": args.scheduler,
-            "steps": args.steps,
+            "scheduler": sampler["scheduler"],
+            "steps": sampler["steps"],
             "seed": args.seed,
         },
         "subjects": list(per_subject),
@@ -593,6 +597,7 @@ def run(args) -> int:
         "sweep": {
             "R": sweep_pipeline.num_references,
             "subjects": list(per_subject)[: args.sweep_subjects],
+            "slices": args.sweep_slices,
             "mean": sweep_means,
             "per_subject": sweep,
         }

@@ -40,10 +40,11 @@ __all__ = [
 TRAINED_SHELL = 1000.0
 #: Named target schemes for ``--scheme``.
 TARGET_SCHEMES = ("hcp90",)
-#: Pixels per network call on the CPU when the batch size is automatic: the
-#: small preset's activations then stay near 0.2 GB, which keeps a 145x174x145
-#: run within 4 GB of memory; larger batches are no faster on a CPU.
-CPU_BATCH_PIXELS = 2**18
+#: Pixels per network call on the CPU when the batch size is automatic: about
+#: 6 slices of 68x80, one of 145x174. Larger batches are no faster on a CPU
+#: (per slice they were slightly slower) and cost memory: a 1.25 mm subject
+#: peaked at 2.0 GB with this cap against 3.3 GB with 2^18 (BENCHMARK.md, speed).
+CPU_BATCH_PIXELS = 2**15
 #: Batch size on accelerators when automatic (their memory is not the host's).
 DEVICE_BATCH_SIZE = 32
 
@@ -321,12 +322,15 @@ def add_model_arguments(p) -> None:
     g.add_argument("--scheduler", metavar="NAME", help="sampler: ddpm, ddim, dpm++, unipc or euler (default: the one saved with the model)")
     g.add_argument("--steps", type=int, metavar="K", help="denoising steps (default: the model's default_num_inference_steps)")
     g.add_argument("--num-samples", type=int, default=1, metavar="S",
-                   help="samples averaged per target; above 1 also writes PREFIX_std.nii.gz (default: 1)")
+                   help="samples averaged per target; above 1 also writes PREFIX_std.nii.gz, an uncertainty map "
+                        "that needs several --steps (samples of one step hardly differ) (default: 1)")
     g.add_argument("--batch-size", type=int, metavar="B",
                    help="(slice, target) pairs per network call (default: 32 on a GPU; on the CPU as many as fit 2^18 pixels)")
     g.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or mps (default: auto)")
     g.add_argument("--dtype", default="fp32", metavar="DTYPE", help="fp32, fp16 or bf16 (default: fp32)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="base seed; same seed, same output (default: 0)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the network: a first-call cost that pays off on a GPU over a whole subject")
 
 
 def add_parser(subparsers) -> None:
@@ -405,6 +409,7 @@ def run(args) -> int:
             device=args.device,
             dtype=args.dtype,
             seed=args.seed,
+            compile=args.compile,
         )
         return 0
     if args.dwi is None or args.out is None:
@@ -422,7 +427,8 @@ def run(args) -> int:
     )
     device = state.device if state is not None and args.device == "auto" else args.device
     pipe = load_pipeline(
-        args.model, num_references=args.num_references, scheduler=args.scheduler, device=device, dtype=args.dtype
+        args.model, num_references=args.num_references, scheduler=args.scheduler, device=device, dtype=args.dtype,
+        compile=args.compile,
     )
     prefix = check_writable(args.out)
     b = float(np.median(acquired.bvals[acquired.bvals > acquired.b0_threshold]))

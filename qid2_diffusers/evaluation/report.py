@@ -280,3 +280,42 @@ def sweep_figure(sweep: dict, metrics: dict):
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def recommend_sampler(sweep: dict, reference: tuple, tolerance: float = 0.05) -> tuple:
+    """The sampler setting the speed issue makes the default.
+
+    Args:
+        sweep (`dict`): ``{(scheduler, steps): {"fa_mae": ..., ...}}``, e.g. merged
+            ``sweep.mean`` sections of ``qid2 benchmark`` runs.
+        reference (`tuple`): ``(scheduler, steps)`` of the reference (DDPM-1000).
+        tolerance (`float`, *optional*, defaults to 0.05): allowed relative FA-error excess.
+
+    Returns:
+        `tuple`: ``(scheduler, steps)`` with the fewest network passes (steps)
+        whose FA error is at most ``(1 + tolerance)`` times the reference's;
+        ties go to the lower FA error (to 4 decimals), then to the name in
+        alphabetical order (one step from pure noise is the same x0 estimate for
+        every sampler); the reference itself if nothing else qualifies.
+    """
+    bound = sweep[reference]["fa_mae"] * (1.0 + tolerance)
+    ok = [key for key, v in sweep.items() if key != reference and v["fa_mae"] <= bound]
+    return min(ok, key=lambda key: (key[1], round(sweep[key]["fa_mae"], 4), key[0])) if ok else reference
+
+
+def sweep_table(sweep: dict, reference: tuple, tolerance: float = 0.05) -> str:
+    """Markdown table of a steps sweep against its reference; the recommended row in bold, ✓ = within tolerance."""
+    choice = recommend_sampler(sweep, reference, tolerance)
+    ref = sweep[reference]["fa_mae"]
+    lines = [
+        f"| sampler | steps (network passes) | FA error | FA error / {reference[0].upper()}-{reference[1]} | image SSIM | FA error vs truth |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in sorted(sweep, key=lambda k: (k != reference, k[0], k[1])):
+        v = sweep[key]
+        ratio = v["fa_mae"] / ref
+        flag = "" if key == reference else (" ✓" if ratio <= 1 + tolerance else "")
+        name = f"**{key[0]}**" if key == choice and key != reference else key[0]
+        truth = f"{v['fa_mae_truth']:.4f}" if v.get("fa_mae_truth") is not None else "–"
+        lines.append(f"| {name} | {key[1]} | {v['fa_mae']:.4f} | {ratio:.3f}{flag} | {v['ssim']:.3f} | {truth} |")
+    return "\n".join(lines)

@@ -242,8 +242,6 @@ class QID2Pipeline(DiffusionPipeline):
         # samples is one network call per step.
         s = num_samples
         refs_n = refs_n.to(dtype).repeat_interleave(s, dim=0)
-        if self.unet.device.type == "cuda":
-            refs_n = refs_n.contiguous(memory_format=torch.channels_last)
         tokens = tokens.repeat_interleave(s, dim=0)
         shape = (b * s, 1, *refs_n.shape[-2:])
         if isinstance(generator, list) and len(generator) != b * s:
@@ -260,6 +258,8 @@ class QID2Pipeline(DiffusionPipeline):
         extra = self.prepare_extra_step_kwargs(generator, eta)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([self.scheduler.scale_model_input(latents, t).to(dtype), refs_n], dim=1)
+            # channels_last: the layout cuDNN's and oneDNN's convolution kernels prefer.
+            model_in = model_in.contiguous(memory_format=torch.channels_last)
             pred = self.unet(model_in, t, encoder_hidden_states=tokens).sample.float()
             latents = self.scheduler.step(pred, t, latents, **extra).prev_sample
             if callback_on_step_end is not None:
