@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from qid2_diffusers import QID2Pipeline  # noqa: E402
 from qid2_diffusers.errors import QID2InputError  # noqa: E402
+from qid2_diffusers.hub import resolve_model  # noqa: E402
 from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 
 
@@ -60,8 +61,6 @@ def _architecture(module) -> dict:
 
 def average_pipelines(folders) -> QID2Pipeline:
     """The first pipeline with every U-Net and direction-encoder weight replaced by the mean over ``folders``."""
-    from qid2_diffusers.hub import resolve_model
-
     # resolve_model: a missing or incomplete folder is a one-line error, not a traceback.
     pipes = [QID2Pipeline.from_pretrained(str(resolve_model(f)), torch_dtype=torch.float32) for f in folders]
     first = pipes[0]
@@ -71,12 +70,11 @@ def average_pipelines(folders) -> QID2Pipeline:
         if pipe.scheduler.config.prediction_type != first.scheduler.config.prediction_type:
             raise QID2InputError(folder, f"predicts {pipe.scheduler.config.prediction_type}, "
                                          f"{folders[0]} {first.scheduler.config.prediction_type}")
-    with torch.no_grad():
-        for name in ("unet", "direction_encoder"):
-            states = [getattr(p, name).state_dict() for p in pipes]
-            mean = {k: sum(s[k] for s in states) / len(states) if states[0][k].is_floating_point() else states[0][k]
-                    for k in states[0]}
-            getattr(first, name).load_state_dict(mean)
+    for name in ("unet", "direction_encoder"):
+        states = [getattr(p, name).state_dict() for p in pipes]
+        mean = {k: sum(s[k] for s in states) / len(states) if states[0][k].is_floating_point() else states[0][k]
+                for k in states[0]}
+        getattr(first, name).load_state_dict(mean)
     return first
 
 
@@ -95,7 +93,8 @@ def main(argv=None) -> int:
     )
     pipe.set_progress_bar_config(disable=True)
 
-    summary = {"inputs": [str(Path(f)) for f in args.inputs], "command": " ".join(shlex.quote(a) for a in ["python", "training/average_weights.py", *argv]),
+    command = " ".join(shlex.quote(a) for a in ["python", "training/average_weights.py", *argv])
+    summary = {"inputs": [str(Path(f)) for f in args.inputs], "command": command,
                "scheduler": type(pipe.scheduler).__name__,
                "default_num_inference_steps": pipe.config.default_num_inference_steps}
     if args.validation_data_dir:
@@ -117,14 +116,11 @@ def main(argv=None) -> int:
     common.save_pretrained_atomic(pipe, args.output_dir, safe_serialization=True)
     common.write_json(Path(args.output_dir) / "average_summary.json", summary)
     if args.validation_data_dir:
-        from PIL import Image
-
-        # The training script's figure: references, acquired target, generated, |error|.
-        Image.fromarray(figure).save(Path(args.output_dir) / "validation.png")
+        common.write_validation_figure(args.output_dir, figure)
     print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
     # One line and exit status 2 for an input error (e.g. pipelines of different R).
-    sys.exit(common.run(lambda argv: main(argv), lambda: sys.argv[1:]))
+    sys.exit(common.run(main, lambda: sys.argv[1:]))

@@ -670,8 +670,6 @@ class Validator:
 
 def validate(accelerator, validator: Validator, upsampler, state: RunState, step: int, args) -> dict:
     """Score ``upsampler``, log the figures and image, keep them in ``state`` and ``output_dir/validation.png``."""
-    from PIL import Image
-
     metrics, figure = validator.run(upsampler)
     state.validation = {"step": int(step), **metrics}
     accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
@@ -679,11 +677,19 @@ def validate(accelerator, validator: Validator, upsampler, state: RunState, step
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation/references_target_generated_error", figure, step, dataformats="HW")
     accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    path = Path(args.output_dir) / "validation.png"
+    write_validation_figure(args.output_dir, figure)
+    return metrics
+
+
+def write_validation_figure(output_dir, figure: np.ndarray) -> Path:
+    """``output_dir/validation.png`` from a :meth:`Validator.run` figure, written under a temporary name and renamed."""
+    from PIL import Image
+
+    path = Path(output_dir) / "validation.png"
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.png")
     Image.fromarray(figure).save(tmp, format="PNG")
     os.replace(tmp, path)
-    return metrics
+    return path
 
 
 # ---------------------------------------------------------------------------

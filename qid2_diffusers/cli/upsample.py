@@ -43,7 +43,8 @@ TARGET_SCHEMES = ("hcp90",)
 #: Pixels per network call on the CPU when the batch size is automatic: about
 #: 6 slices of 68x80, one of 145x174. Larger batches are no faster on a CPU
 #: (per slice they were slightly slower) and cost memory: a 1.25 mm subject
-#: peaked at 2.0 GB with this cap against 3.3 GB with 2^18 (BENCHMARK.md, speed).
+#: peaked at 2.0 GB with this cap (and channels_last input) against 3.3 GB with
+#: 2^18 (BENCHMARK.md, speed).
 CPU_BATCH_PIXELS = 2**15
 #: Batch size on accelerators when automatic (their memory is not the host's).
 DEVICE_BATCH_SIZE = 32
@@ -325,7 +326,8 @@ def add_model_arguments(p) -> None:
                    help="samples averaged per target; above 1 also writes PREFIX_std.nii.gz, an uncertainty map "
                         "that needs several --steps (samples of one step hardly differ) (default: 1)")
     g.add_argument("--batch-size", type=int, metavar="B",
-                   help="(slice, target) pairs per network call (default: 32 on a GPU; on the CPU as many as fit 2^18 pixels)")
+                   help=f"(slice, target) pairs per network call (default: {DEVICE_BATCH_SIZE} on a GPU; on the CPU "
+                        f"as many as fit {CPU_BATCH_PIXELS} pixels)")
     g.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or mps (default: auto)")
     g.add_argument("--dtype", default="fp32", metavar="DTYPE", help="fp32, fp16 or bf16 (default: fp32)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="base seed; same seed, same output (default: 0)")
