@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+REAL_DATA = REPO / "tests" / "data" / "real"
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +26,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    if not (REAL_DATA / "msmt.nii.gz").is_file():
-        pytest.skip(f"real scanner fixtures not found at {REAL_DATA}")
+    # Committed crops (always there) and the mdt scan that `scripts/setup.sh --test` fetches.
+    assert (REAL_DATA / "msmt.nii.gz").is_file(), f"{REAL_DATA}: real crops missing from the checkout"
     return REAL_DATA
 
 
