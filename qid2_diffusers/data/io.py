@@ -38,6 +38,7 @@ __all__ = [
     "bvec_voxel_signs",
     "save_dwi",
     "save_nifti",
+    "atomic_write",
     "B0_THRESHOLD",
 ]
 
@@ -530,6 +531,24 @@ def _write_image(path: Path, data: np.ndarray, affine, header) -> None:
         # Setting the qform recomputes pixdim from the affine; keep the source's.
         img.header.set_zooms(hdr.get_zooms())
     nib.save(img, str(path))
+
+
+def atomic_write(path, write) -> Path:
+    """Write one file so it is never seen half-written: ``write(tmp)`` on a
+    temporary sibling of ``path`` (parents created), then one rename onto ``path``.
+
+    The one atomic writer of the package: images, sidecars, JSON, figures and
+    model cards all go through it (or through :func:`save_dwi` for several
+    files that must appear together).
+
+    Args:
+        path (`str` or `os.PathLike`): the final file.
+        write (`Callable[[Path], None]`): writes the content to the path it is given.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _commit([(path, write)])
+    return path
 
 
 def _commit(writes) -> None:
