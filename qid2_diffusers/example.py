@@ -95,12 +95,13 @@ def make_example(
     """
     from .data.io import save_dwi, save_nifti, split_acquired
     from .data.phantom import make_subject
+    from .gradients import split_scheme
 
     out_dir = Path(out_dir)
     subject = make_subject(seed, resolution=resolution, slab=slab)
-    dw = np.flatnonzero(subject.bvals > 50)
+    b0, dw = split_scheme(subject.bvals)
     acquired, targets = split_acquired(subject.bvecs[dw], n_acquired)
-    keep = np.sort(np.concatenate([np.flatnonzero(subject.bvals <= 50), dw[acquired]]))
+    keep = np.sort(np.concatenate([b0, dw[acquired]]))
     prefix = out_dir / f"{EXAMPLE_PREFIX}_input"
     nii, bval, bvec = save_dwi(prefix, subject.dwi[..., keep], subject.bvals[keep], subject.bvecs[keep], subject.affine)
     mask = save_nifti(out_dir / f"{EXAMPLE_PREFIX}_mask.nii.gz", subject.mask, subject.affine, dtype=np.uint8)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .directions import nearest_references, normalize_bvecs
-from .tensor import B0_THRESHOLD
+from .gradients import split_scheme
 
 __all__ = ["VolumeUpsampler", "SliceUpsampler", "QID2Upsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
 
@@ -38,14 +38,6 @@ class VolumeUpsampler:
             mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): brain mask.
         """
         raise NotImplementedError
-
-
-def split_scheme(bvals, bvecs) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the b0 volumes and of the diffusion-weighted volumes."""
-    bvals = np.asarray(bvals, dtype=np.float64)
-    b0 = np.flatnonzero(bvals <= B0_THRESHOLD)
-    dw = np.flatnonzero(bvals > B0_THRESHOLD)
-    return b0, dw
 
 
 def brain_slices(mask: np.ndarray, axis: int = 2) -> np.ndarray:

@@ -136,6 +136,7 @@ def choose_targets(acquired_bvecs, *, targets_path=None, n_targets=None, scheme=
             b=1000 scheme, minus the acquired directions.
     """
     from ..directions import complement, uniform_directions
+    from ..gradients import split_scheme
 
     given = [x is not None for x in (targets_path, n_targets, scheme)]
     if sum(given) > 1:
@@ -148,7 +149,7 @@ def choose_targets(acquired_bvecs, *, targets_path=None, n_targets=None, scheme=
         from ..data.phantom import hcp_scheme
 
         bvals, bvecs = hcp_scheme(shells=(1000,), n_directions=90)
-        full = np.asarray(bvecs, dtype=np.float64)[np.asarray(bvals) > 50]
+        full = np.asarray(bvecs, dtype=np.float64)[split_scheme(bvals)[1]]
         label = f"the {scheme} scheme"
     else:
         n = 90 if n_targets is None else int(n_targets)
