@@ -36,7 +36,8 @@ from qid2_diffusers.masking import brain_mask
 from qid2_diffusers.schedulers import SCHEDULERS
 from qid2_diffusers.evaluation import tensor_metrics
 from qid2_diffusers.tensor import TensorMaps, fit_tensor
-from qid2_diffusers.upsampling import QID2Upsampler, split_scheme
+from qid2_diffusers.gradients import split_scheme
+from qid2_diffusers.pipelines import QID2Upsampler
 
 __all__ = ["Session", "build_demo", "demo", "LAUNCH_KWARGS", "to_image"]
 

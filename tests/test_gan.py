@@ -1,4 +1,4 @@
-"""qid2_diffusers.models.gan and training/train_gan.py: the cGAN and qGAN baselines."""
+"""qid2_diffusers.models.gan, baselines.gan and training/train_gan.py: the cGAN and qGAN baselines."""
 
 import json
 import os
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from qid2_diffusers.baselines.gan import GANUpsampler
 from qid2_diffusers.directions import uniform_directions
 from qid2_diffusers.models.gan import (
     CGANGenerator,
-    GANUpsampler,
     PatchDiscriminator,
     QGANGenerator,
     load_generator,

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                "default_num_inference_steps": pipe.config.default_num_inference_steps}
     if args.validation_data_dir:
         from qid2_diffusers.data.layouts import discover_subjects
-        from qid2_diffusers.upsampling import QID2Upsampler
+        from qid2_diffusers.pipelines import QID2Upsampler
 
         args.R = pipe.num_references
         args.cache_dir = args.cache_dir or str(Path(args.output_dir) / "cache")

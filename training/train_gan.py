@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from qid2_diffusers.models import PRESETS  # noqa: E402
-from qid2_diffusers.models.gan import CGANGenerator, GANUpsampler, PatchDiscriminator, QGANGenerator  # noqa: E402
-from qid2_diffusers.pipelines.pipeline_qid2 import _crop, pad_to_multiple  # noqa: E402
+from qid2_diffusers.baselines.gan import GANUpsampler  # noqa: E402
+from qid2_diffusers.image_processor import QID2ImageProcessor  # noqa: E402
+from qid2_diffusers.models.gan import CGANGenerator, PatchDiscriminator, QGANGenerator  # noqa: E402
 
 #: The paper's learning rates (§2.4) when none is given.
 DEFAULT_LEARNING_RATES = {"cgan": 2.5e-5, "qgan": 5e-5}
@@ -148,10 +149,10 @@ def main(args) -> int:
             break
         generator_rng = common.step_generator(args.seed, epoch, batch_index, accelerator.process_index)
         batch = common.random_crops(batch, args.crop_size, generator_rng)
-        x, size = pad_to_multiple(torch.cat([batch["target"], batch["references"]], dim=1), multiple)
-        target, references = _crop(x[:, :1], x, size), _crop(x[:, 1:], x, size)
+        x, size = QID2ImageProcessor(multiple).pad(torch.cat([batch["target"], batch["references"]], dim=1))
+        target, references = QID2ImageProcessor.crop(x[:, :1], size), QID2ImageProcessor.crop(x[:, 1:], size)
         tb, rb = batch["target_bvec"], batch["reference_bvecs"]
-        fake = _crop(generator(x[:, 1:], tb, rb), x, size)
+        fake = QID2ImageProcessor.crop(generator(x[:, 1:], tb, rb), size)
 
         if global_step % args.discriminator_update_interval == 0:
             # Real and fake in one call: one forward and one backward per update under DDP.
@@ -243,7 +244,7 @@ A GAN baseline of the QID² paper, trained with `training/train_gan.py` of qid2-
 against QID². **Research use only; not for clinical use.** Trained on: {f['data_description']}.
 
 ```python
-from qid2_diffusers.models.gan import GANUpsampler
+from qid2_diffusers.baselines.gan import GANUpsampler
 up = GANUpsampler.from_pretrained("path/to/this/folder")
 predicted = up.predict(data, bvals, bvecs, target_bvecs, mask)  # (X, Y, Z, T)
 ```

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from qid2_diffusers import QID2Pipeline, build_pipeline  # noqa: E402
-from qid2_diffusers.pipelines.pipeline_qid2 import _crop, pad_to_multiple  # noqa: E402
+from qid2_diffusers.image_processor import QID2ImageProcessor  # noqa: E402
 from qid2_diffusers.errors import QID2InputError  # noqa: E402
 from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler, training_scheduler  # noqa: E402
-from qid2_diffusers.upsampling import QID2Upsampler  # noqa: E402
+from qid2_diffusers.pipelines import QID2Upsampler  # noqa: E402
 
 #: Learning rate when neither the command line nor the config gives one
 #: (diffusers' unconditional example; the paper's 2.5e-5 is in configs/paper.yaml).
@@ -81,8 +81,8 @@ class QID2Denoiser(nn.Module):
 def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, masked: bool = True) -> torch.Tensor:
     """MSE between the denoiser's output and its target for the scheduler's prediction type.
 
-    Target and references are padded together with the pipeline's
-    :func:`pad_to_multiple`, and the noise is drawn at the padded size, as
+    Target and references are padded together by the pipeline's
+    :class:`QID2ImageProcessor`, and the noise is drawn at the padded size, as
     at sampling time; the error is taken on the unpadded slice, inside the
     brain mask when ``masked``.
 
@@ -95,7 +95,7 @@ def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, ma
     """
     unet = getattr(denoiser, "module", denoiser).unet
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
-    x, size = pad_to_multiple(torch.cat([batch["target"], batch["references"]], dim=1), multiple)
+    x, size = QID2ImageProcessor(multiple).pad(torch.cat([batch["target"], batch["references"]], dim=1))
     clean, references = x[:, :1], x[:, 1:]
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
@@ -109,7 +109,7 @@ def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, ma
         goal = scheduler.get_velocity(clean, noise, timesteps)
     else:
         goal = clean
-    err = (_crop(pred.float(), x, size) - _crop(goal.float(), x, size)) ** 2
+    err = (QID2ImageProcessor.crop(pred.float(), size) - QID2ImageProcessor.crop(goal.float(), size)) ** 2
     return common.masked_mean(err, batch["mask"] if masked else None)
 
 

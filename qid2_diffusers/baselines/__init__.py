@@ -122,7 +122,7 @@ def make_upsampler(
 def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_size, seed, device, progress):
     from ..pipelines import QID2Pipeline
     from ..schedulers import make_scheduler
-    from ..upsampling import QID2Upsampler
+    from ..pipelines import QID2Upsampler
 
     if model_path is None:
         from ..pretrained import default_model_path
@@ -148,7 +148,7 @@ def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_
 
 
 def _make_gan(name, model_path, num_references, batch_size, device, progress):
-    from ..models.gan import GANUpsampler
+    from .gan import GANUpsampler
 
     path = _weights_folder(model_path, name, f"--{name}")
     if not (path / "config.json").is_file():

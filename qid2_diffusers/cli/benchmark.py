@@ -348,7 +348,7 @@ def _sweep(pipeline, prep, args, sweep, progress):
 
     from ..pipelines import QID2Pipeline
     from ..schedulers import make_scheduler
-    from ..upsampling import QID2Upsampler
+    from ..pipelines import QID2Upsampler
 
     schedulers = [s.strip() for s in args.sweep_schedulers.split(",") if s.strip()]
     ev, low = prep["evaluation"], prep["low"]

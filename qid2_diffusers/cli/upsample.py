@@ -237,7 +237,8 @@ def upsample_dwi(
     """
     from ..data.io import check_enough_directions, extract_shell, shell_indices
     from ..masking import brain_mask
-    from ..upsampling import QID2Upsampler, split_scheme
+    from ..gradients import split_scheme
+    from ..pipelines import QID2Upsampler
 
     sub = extract_shell(dwi, shell)
     _, dw = split_scheme(sub.bvals, sub.bvecs)
