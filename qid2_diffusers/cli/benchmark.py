@@ -346,8 +346,7 @@ def _sweep(pipeline, prep, args, sweep, progress):
     """QID² at every (scheduler, steps) of the sweep on one subject; appends to ``sweep``."""
     from tqdm.auto import tqdm
 
-    from ..pipelines import QID2Pipeline
-    from ..schedulers import make_scheduler
+    from ..hub import with_scheduler
     from ..pipelines import QID2Upsampler
 
     schedulers = [s.strip() for s in args.sweep_schedulers.split(",") if s.strip()]
@@ -357,13 +356,7 @@ def _sweep(pipeline, prep, args, sweep, progress):
     jobs = [(s, n) for s in schedulers for n in args.sweep_steps]
     for scheduler, steps in tqdm(jobs, desc="steps sweep", unit="run", disable=not progress, leave=False):
         # A pipeline of its own shares the networks and leaves the main run's scheduler alone.
-        pipe = QID2Pipeline(
-            unet=pipeline.unet,
-            direction_encoder=pipeline.direction_encoder,
-            scheduler=make_scheduler(scheduler, pipeline.scheduler.config),
-            default_num_inference_steps=pipeline.config.default_num_inference_steps,
-        )
-        up = QID2Upsampler(pipe, num_inference_steps=steps, batch_size=args.batch_size, seed=args.seed, progress=False)
+        up = QID2Upsampler(with_scheduler(pipeline, scheduler), num_inference_steps=steps, batch_size=args.batch_size, seed=args.seed, progress=False)
         pred = up.predict(ev.data[..., low], ev.bvals[low], ev.bvecs[low], prep["targets"], ev.mask)
         scores = ev.score(pred, prep["targets"])
         entry = sweep.setdefault(scheduler, {}).setdefault(str(steps), {"fa_mae": [], "ssim": [], "fa_mae_truth": []})
@@ -472,7 +465,7 @@ def _markdown(table, notes, tests_md, command, wall) -> str:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from ..baselines import default_device
+    from ..hub import select_device
     from ..data.io import save_dwi
     from ..evaluation import FID_UNAVAILABLE, inception_features, load_inception, summarize
     from ..evaluation.report import results_table, tests_table, write_json, write_text
@@ -579,7 +572,7 @@ def run(args) -> int:
     results = {
         "command": command,
         "wall_time_s": wall,
-        "machine": _machine(default_device(args.device)),
+        "machine": _machine(select_device(args.device)),
         "settings": {
             "shell": args.shell,
             "n_acquired": args.n_acquired,
