@@ -139,7 +139,7 @@ def run_example(
             shipped model with its saved sampler.
         steps (`int`, *optional*): denoising steps; defaults to the model's
             ``default_num_inference_steps``.
-        num_samples, batch_size, seed: see :func:`qid2_diffusers.cli.upsample.upsample_dwi`.
+        num_samples, batch_size, seed: see :func:`qid2_diffusers.inference.upsample_dwi`.
         slab (`int`, *optional*, defaults to :data:`EXAMPLE_SLAB`): central axial slices.
         progress (`bool`, *optional*, defaults to `True`): show the progress bar.
         verbose (`bool`, *optional*, defaults to `True`): print the report.
@@ -148,7 +148,7 @@ def run_example(
         `dict`: ``fa`` (method -> :func:`~qid2_diffusers.evaluation.tensor_metrics`
         dict), ``seconds``, ``paths`` and ``n_targets``.
     """
-    from .cli.upsample import check_writable, upsample_dwi
+    from .inference import check_writable, upsample_dwi
     from .data.io import load_dwi
     from .evaluation import tensor_metrics
     from .hub import load_pipeline
