@@ -77,10 +77,10 @@ class UpsampleResult:
 
     def save(self, prefix, affine, header=None) -> list[Path]:
         """Write ``PREFIX.nii.gz/.bval/.bvec`` (and ``PREFIX_std.nii.gz``), all or nothing."""
-        from .data.io import save_dwi, save_nifti
+        from .data.io import nifti_stem, save_dwi, save_nifti
 
         prefix = Path(prefix)
-        stem = prefix.name.removesuffix(".gz").removesuffix(".nii")
+        stem = nifti_stem(prefix)
         written = []
         if self.std is not None:
             written.append(save_nifti(prefix.with_name(f"{stem}_std.nii.gz"), self.std, affine, header))

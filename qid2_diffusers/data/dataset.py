@@ -23,7 +23,7 @@ from ..directions import nearest_references
 from ..errors import QID2InputError
 from ..image_processor import QID2ImageProcessor
 from .augment import rotate_bvecs, warp_slices
-from .io import DWI, _nifti_stem, bvec_voxel_signs, check_enough_directions, shell_indices, split_acquired
+from .io import DWI, bvec_voxel_signs, check_enough_directions, nifti_stem, shell_indices, split_acquired
 from .layouts import SubjectPaths
 
 __all__ = ["build_cache", "QID2Dataset", "CACHE_VERSION"]
@@ -112,7 +112,7 @@ def build_cache(
         dwi = subject.load()
     else:
         dwi = subject
-        subject_id = subject_id or (_nifti_stem(Path(dwi.path)) if dwi.path else "subject")
+        subject_id = subject_id or (nifti_stem(dwi.path) if dwi.path else "subject")
     params = {
         "version": CACHE_VERSION,
         "shell": float(shell),

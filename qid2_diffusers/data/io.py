@@ -36,6 +36,7 @@ __all__ = [
     "extract_shell",
     "split_acquired",
     "check_enough_directions",
+    "nifti_stem",
     "bvec_voxel_signs",
     "save_dwi",
     "save_nifti",
@@ -308,7 +309,9 @@ def extract_shell(dwi: DWI, shell: float = 1000) -> DWI:
 # Reading
 
 
-def _nifti_stem(path: Path) -> str:
+def nifti_stem(path) -> str:
+    """The file name without ``.nii.gz`` or ``.nii`` (any other name: without its last suffix)."""
+    path = Path(path)
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
@@ -319,7 +322,7 @@ def _nifti_stem(path: Path) -> str:
 def _default_sidecar(dwi_path: Path, kind: str) -> Path:
     # BIDS / dcm2niix name sidecars after the image; FSL and HCP use bare
     # ``bvals`` / ``bvecs`` in the same folder.
-    stem = _nifti_stem(dwi_path)
+    stem = nifti_stem(dwi_path)
     candidates = [dwi_path.with_name(name) for name in (f"{stem}.{kind}", f"{stem}.{kind}s", f"{kind}s")]
     for candidate in candidates:
         if candidate.is_file():
@@ -605,7 +608,7 @@ def save_dwi(prefix, data, bvals, bvecs, affine, header=None) -> tuple[Path, Pat
         `(nifti_path, bval_path, bvec_path)`.
     """
     prefix = Path(prefix)
-    prefix = prefix.with_name(_nifti_stem(prefix))
+    prefix = prefix.with_name(nifti_stem(prefix))
     data = np.asarray(data, dtype=np.float32)
     bvals = np.asarray(bvals, dtype=np.float64).ravel()
     bvecs = np.asarray(bvecs, dtype=np.float64)
