@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..directions import normalize_bvecs
-from ..tensor import B0_THRESHOLD, fit_tensor
-from ..upsampling import VolumeUpsampler, split_scheme
+from ..gradients import B0_THRESHOLD, split_scheme
+from ..tensor import fit_tensor
+from ..upsampling import VolumeUpsampler
 
 __all__ = ["DTIUpsampler"]
 
@@ -24,7 +25,7 @@ class DTIUpsampler(VolumeUpsampler):
     def __init__(self, fit_method: str = "WLS"):
         self.fit_method = fit_method
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
         """See :meth:`VolumeUpsampler.predict`."""
         from dipy.core.gradients import gradient_table
 

@@ -8,21 +8,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..image_processor import QID2ImageProcessor
 from ..models.direction_encoder import DirectionEncoder
 from ..models.unet import num_references_of
-from ..normalization import denormalize, normalize, reference_scale
 
-__all__ = ["QID2Pipeline", "QID2PipelineOutput", "pad_to_multiple"]
-
-#: Slices are padded to at least this size (per side) before the U-Net, so
-#: crops smaller than its receptive field, like 6x8 real-scanner crops, still
-#: pass through every level.
-MIN_SIZE = 16
+__all__ = ["QID2Pipeline", "QID2PipelineOutput"]
 
 
 @dataclass
@@ -43,31 +37,6 @@ class QID2PipelineOutput(BaseOutput):
     images: np.ndarray | torch.Tensor
     samples: np.ndarray | torch.Tensor | None = None
     std: np.ndarray | torch.Tensor | None = None
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int, min_size: int = MIN_SIZE) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad the last two axes up to a multiple of ``multiple`` and at least ``min_size``.
-
-    Reflection keeps the padded border looking like tissue or background
-    rather than inventing an edge; inputs too small to reflect are replicated.
-    Returns the padded tensor and the original ``(H, W)`` to crop back to.
-    """
-    h, w = x.shape[-2:]
-    th = max(min_size, -(-h // multiple) * multiple)
-    tw = max(min_size, -(-w // multiple) * multiple)
-    ph, pw = th - h, tw - w
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-    mode = "reflect" if max(pad[0], pad[1]) < w and max(pad[2], pad[3]) < h else "replicate"
-    return F.pad(x, pad, mode=mode), (h, w)
-
-
-def _crop(x: torch.Tensor, padded: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = size
-    top = (padded.shape[-2] - h) // 2
-    left = (padded.shape[-1] - w) // 2
-    return x[..., top : top + h, left : left + w]
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -125,6 +94,7 @@ class QID2Pipeline(DiffusionPipeline):
             )
         self.register_modules(unet=unet, direction_encoder=direction_encoder, scheduler=scheduler)
         self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.image_processor = QID2ImageProcessor.for_unet(unet)
 
     @property
     def num_references(self) -> int:
@@ -232,10 +202,7 @@ class QID2Pipeline(DiffusionPipeline):
 
         refs, rb, tb = self._prepare_inputs(reference_images, reference_bvecs, target_bvecs)
         b = refs.shape[0]
-        scale = reference_scale(refs).to(device)
-        refs_n = normalize(refs.to(device, torch.float32), scale)
-        multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        refs_n, size = pad_to_multiple(refs_n, multiple)
+        refs_n, scale, size = self.image_processor.preprocess(refs.to(device))
         tokens = self.direction_encoder(tb.to(device), rb.to(device)).to(dtype)
 
         # Each sample is its own batch row, so a batch of B targets with S
@@ -266,10 +233,7 @@ class QID2Pipeline(DiffusionPipeline):
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                 latents = out.get("latents", latents)
 
-        x = _crop(latents.float(), refs_n, size)[:, 0]
-        x = denormalize(x[:, None], scale.repeat_interleave(s, dim=0))[:, 0]
-        # Diffusion-weighted signal is a magnitude: never below zero.
-        x = x.clamp_min(0.0).view(b, s, *size)
+        x = self.image_processor.postprocess(latents, scale.repeat_interleave(s, dim=0), size).view(b, s, *size)
         images = x.mean(dim=1)
         samples = x if s > 1 else None
         std = x.std(dim=1) if s > 1 else None
