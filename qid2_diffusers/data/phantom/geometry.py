@@ -1,9 +1,8 @@
 """An anatomy evaluated on a voxel grid: tissue fractions, brain mask, bias field, fibre populations.
 
-Boundaries are partial-volumed over ``edge_width`` mm: by default a linear
-ramp over one voxel (the shipped phantom), or, with ``smooth_edges``, a
-raised-cosine edge (a boundary seen through a smooth point-spread function),
-whose fractions change gradually from voxel to voxel.
+Boundaries are partial-volumed by a linear ramp over ``edge_width`` mm (the
+voxel size of the grid, or half of it where a randomised subject is simulated
+on a finer grid before its point-spread function is applied).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from scipy.spatial import cKDTree
 from .anatomy import MERGE_ANGLE_DEG, MIN_FIBRE_FRACTION, Anatomy
 from .scheme import HCP_CENTRE_MM, n_threads
 
-__all__ = ["Geometry", "geometry", "partial_volume"]
+__all__ = ["Geometry", "geometry"]
 
 # Fibre directions average the tangents of this many nearest centre-curve
 # points, weighted by a Gaussian of this width (mm) beyond the nearest one.
@@ -30,17 +29,8 @@ def _f32(x):
     return np.asarray(x, dtype=np.float32)
 
 
-def partial_volume(x, width, smooth: bool = False):
-    """Fraction of a voxel inside a boundary when its centre is ``x`` mm inside it.
-
-    Args:
-        x (`np.ndarray`): signed distance (mm, > 0 inside).
-        width (`float`): distance over which the fraction goes from 0 to 1.
-        smooth (`bool`, *optional*, defaults to `False`): a raised-cosine edge
-            (no kink where it meets 0 and 1) instead of a linear ramp.
-    """
-    if smooth:
-        return 0.5 + 0.5 * np.sin(np.pi * np.clip(x / width, -0.5, 0.5))
+def _ramp(x, width):
+    """Partial-volume fraction of a voxel of size ``width`` whose centre is ``x`` mm inside a boundary."""
     return np.clip(x / width + 0.5, 0.0, 1.0)
 
 
@@ -122,6 +112,12 @@ class Geometry:
     peaks: np.ndarray  # (W, 3, 3) voxel-frame directions
     fractions: np.ndarray  # (W, 3)
     family: np.ndarray  # (W, 3) family index of each population
+
+    def to_grid(self, values, dtype=np.float32) -> np.ndarray:
+        """Per-head-voxel ``values`` of shape `(H, ...)` on the grid, zeros elsewhere."""
+        out = np.zeros(self.head_grid.shape + values.shape[1:], dtype=dtype)
+        out.reshape((-1,) + values.shape[1:])[self.head_flat] = values
+        return out
 
 
 def _to_template(anat, world):
@@ -207,11 +203,11 @@ def _pial_and_thickness(anat, m, d_cer, d_cb, d_bs, margin):
     return pial, thickness, in_bs, in_cb
 
 
-def _tissue(anat, m, d_env, pial, thickness, width, smooth):
+def _tissue(anat, m, d_env, pial, thickness, width):
     """Partial-volume fractions (wm, gm, csf), the brain envelope and the scalp of each voxel."""
 
     def edge(x):
-        return partial_volume(x, width, smooth)
+        return _ramp(x, width)
 
     inside = edge(d_env + anat.csf_layer)
     tissue_frac = edge(pial)
@@ -242,20 +238,19 @@ def _bias_field(anat, m):
     return np.exp(terms @ anat.bias)
 
 
-def geometry(anat: Anatomy, shape, affine, edge_width: float, *, smooth_edges: bool = False) -> Geometry:
+def geometry(anat: Anatomy, shape, affine, edge_width: float) -> Geometry:
     """Evaluate ``anat`` on the grid ``shape``/``affine``.
 
     Args:
         anat (`Anatomy`): the drawn anatomy.
         shape (`tuple` of `int`), affine (`np.ndarray` of shape `(4, 4)`): the grid.
-        edge_width (`float`): width (mm) of a boundary's partial-volume edge
-            (the voxel size for the linear ramp).
-        smooth_edges (`bool`, *optional*, defaults to `False`): raised-cosine edges.
+        edge_width (`float`): width (mm) of a boundary's partial-volume ramp
+            (the voxel size: fractions are then those of the voxel's extent).
     """
     head_flat, m, d_cer, d_cb, d_bs = _head_voxels(anat, shape, affine, edge_width)
     d_env = np.maximum(np.maximum(d_cer, d_cb), d_bs)
     pial, thickness, in_bs, in_cb = _pial_and_thickness(anat, m, d_cer, d_cb, d_bs, edge_width)
-    tissue, inside, scalp = _tissue(anat, m, d_env, pial, thickness, edge_width, smooth_edges)
+    tissue, inside, scalp = _tissue(anat, m, d_env, pial, thickness, edge_width)
 
     keep = (inside > 0) | (scalp > 0)
     head_flat, m, tissue, scalp = head_flat[keep], m[keep], tissue[keep], scalp[keep]

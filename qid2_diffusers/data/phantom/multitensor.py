@@ -11,8 +11,9 @@ The slab (160 x 160 x 40 mm, 64 x 64 x 16 voxels at 2.5 mm) holds, drawn per see
 - an elliptical "brain" of isotropic grey-matter-like tissue, with a CSF rim
   and a CSF "ventricle";
 - two straight in-plane bundles crossing at 50-90 degrees, a curved in-plane
-  bundle (a circular arc) crossing both, and a bundle running nearly
-  through-plane: 2-, 3- and 4-way overlaps (the truth keeps the 3 largest);
+  bundle (a circular arc) through their crossing, and a bundle running nearly
+  through-plane across the first: 2- and 3-way crossings (where all four
+  overlap, the truth keeps the 3 largest);
 - each bundle one cylindrically-asymmetric Gaussian tensor; every compartment's
   signal is ``dipy.sims.voxel.multi_tensor`` of that tensor, mixed by the
   voxel's volume fractions (from 3 x 3 x 3 sub-samples per voxel); Rician noise
@@ -45,19 +46,25 @@ _SUBSAMPLES = 3
 
 
 def _draw_layout(rng) -> dict:
-    """Positions, sizes and tensors of the slab's structures (mm, voxel frame, origin at the slab centre)."""
+    """Positions, sizes and tensors of the slab's structures (mm, voxel frame, origin at the slab centre).
+
+    The two straight bundles and the arc all pass through one point (a 3-way
+    crossing); the through-plane bundle crosses the first straight bundle 25 mm away.
+    """
     semi = rng.uniform([60.0, 55.0], [72.0, 68.0])
+    crossing = rng.uniform(-8, 8, size=2)
     theta_a = rng.uniform(0, np.pi)
     theta_b = theta_a + rng.choice([-1, 1]) * np.radians(rng.uniform(50, 90))
+    curvature, towards = rng.uniform(30, 45), rng.uniform(0, 2 * np.pi)
     tilt, azimuth = np.radians(rng.uniform(0, 25)), rng.uniform(0, 2 * np.pi)
     layout = {
         "brain_semi_mm": semi,
         "csf_rim_mm": rng.uniform(2.0, 4.0),
         "ventricle": {"centre": rng.uniform([-30, 15], [-15, 30]), "semi": rng.uniform([6, 10], [10, 16])},
-        "straight_a": {"point": rng.uniform(-8, 8, size=2), "direction": [np.cos(theta_a), np.sin(theta_a), 0.0]},
-        "straight_b": {"point": rng.uniform(-8, 8, size=2), "direction": [np.cos(theta_b), np.sin(theta_b), 0.0]},
-        "arc": {"centre": rng.uniform(-25, 25, size=2), "radius_of_curvature": rng.uniform(30, 45)},
-        "through_plane": {"point": rng.uniform(-8, 8, size=2) + 20 * np.array([np.cos(theta_a), np.sin(theta_a)]),
+        "straight_a": {"point": crossing, "direction": [np.cos(theta_a), np.sin(theta_a), 0.0]},
+        "straight_b": {"point": crossing, "direction": [np.cos(theta_b), np.sin(theta_b), 0.0]},
+        "arc": {"centre": crossing + curvature * np.array([np.cos(towards), np.sin(towards)]), "radius_of_curvature": curvature},
+        "through_plane": {"point": crossing + 25 * np.array([np.cos(theta_a), np.sin(theta_a)]),
                           "direction": [np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt)]},
         "diffusivity": {"gm": rng.uniform(0.7e-3, 0.9e-3), "csf": rng.uniform(2.8e-3, 3.1e-3)},
         "s0_relative": {"gm": rng.uniform(1.1, 1.4), "csf": rng.uniform(2.0, 3.0)},
@@ -115,34 +122,40 @@ def _directions(layout, centres):
     return dirs
 
 
-def _compartment(gtab, evals, direction):
+def _kernel(gtab, evals, direction):
     from dipy.sims.voxel import multi_tensor
 
     return multi_tensor(gtab, np.asarray([evals]), S0=1.0, angles=[direction], fractions=[100], snr=None)[0]
 
 
-def _signal(layout, gtab, fractions, dirs):
-    """Noise-free signal of the voxels: dipy multi-tensor compartments mixed by the volume fractions."""
-    iso = {t: _compartment(gtab, [layout["diffusivity"][t]] * 3, [0.0, 0.0, 1.0]) * layout["s0_relative"][t] for t in ("gm", "csf")}
+def _signal_and_tensor(layout, gtab, fractions, dirs):
+    """Per voxel, the noise-free signal (dipy multi-tensor compartments mixed by the volume
+    fractions) and the fraction-weighted mean diffusion tensor.
+
+    A bundle's compartment is simulated once per distinct direction (once for a
+    straight bundle, once per in-plane position for the arc).
+    """
+    from dipy.sims.voxel import all_tensor_evecs
+
+    iso = {t: _kernel(gtab, [layout["diffusivity"][t]] * 3, [0.0, 0.0, 1.0]) * layout["s0_relative"][t] for t in ("gm", "csf")}
     signal = fractions[:, -2:-1] * iso["gm"] + fractions[:, -1:] * iso["csf"]
+    mean_d = fractions[:, -2] * layout["diffusivity"]["gm"] + fractions[:, -1] * layout["diffusivity"]["csf"]
+    tensor = mean_d[:, None, None] * np.eye(3)
     for b, name in enumerate(_BUNDLES):
         voxels = np.flatnonzero(fractions[:, b] > 0)
         unique, inverse = np.unique(np.round(dirs[voxels, b], 9), axis=0, return_inverse=True)
-        kernels = np.stack([_compartment(gtab, layout[name]["evals"], d) for d in unique])
-        signal[voxels] += fractions[voxels, b, None] * kernels[inverse.reshape(-1)]
-    return layout["s0_wm"] * signal
+        inverse = inverse.reshape(-1)
+        kernels = np.stack([_kernel(gtab, layout[name]["evals"], d) for d in unique])
+        evecs = np.stack([all_tensor_evecs(d) for d in unique])
+        tensors = (evecs * layout[name]["evals"]) @ evecs.transpose(0, 2, 1)
+        signal[voxels] += fractions[voxels, b, None] * kernels[inverse]
+        tensor[voxels] += fractions[voxels, b, None, None] * tensors[inverse]
+    return layout["s0_wm"] * signal, tensor
 
 
-def _mean_tensor_fa(layout, fractions, dirs):
-    """FA of each voxel's fraction-weighted mean diffusion tensor (0 where there is no tissue)."""
+def _fa(tensor):
     from dipy.reconst.dti import fractional_anisotropy
-    from dipy.sims.voxel import all_tensor_evecs
 
-    tensor = (fractions[:, -2] * layout["diffusivity"]["gm"] + fractions[:, -1] * layout["diffusivity"]["csf"])[:, None, None] * np.eye(3)
-    for b, name in enumerate(_BUNDLES):
-        for v in np.flatnonzero(fractions[:, b] > 0):
-            evecs = all_tensor_evecs(dirs[v, b])
-            tensor[v] += fractions[v, b] * (evecs * layout[name]["evals"]) @ evecs.T
     return np.nan_to_num(fractional_anisotropy(np.linalg.eigvalsh(tensor))).astype(np.float32)
 
 
@@ -201,12 +214,13 @@ def make_multitensor_subject(seed: int, *, resolution: float | None = None, snr:
     offsets = (np.stack(np.meshgrid(*[np.arange(_SUBSAMPLES)] * 3, indexing="ij"), axis=-1).reshape(-1, 3) + 0.5) / _SUBSAMPLES - 0.5
     fractions = np.concatenate([_fractions(layout, c[:, None, :] + offsets * resolution) for c in np.array_split(centres, max(1, len(centres) // 8192))])
     dirs = _directions(layout, centres)
-    signal = _signal(layout, gradient_table(bvals, bvecs=bvecs), fractions, dirs).astype(np.float32)
+    signal, tensor = _signal_and_tensor(layout, gradient_table(bvals, bvecs=bvecs), fractions, dirs)
+    signal = signal.astype(np.float32)
     mask = (np.sum((centres[:, :2] / layout["brain_semi_mm"]) ** 2, axis=1) <= 1).reshape(shape)
     sigma = 0.0 if np.isinf(snr) else layout["s0_wm"] / snr
     noisy = signal if sigma == 0 else add_noise(signal, snr, layout["s0_wm"], noise_type="rician", rng=np.random.default_rng([int(seed), 101]))
     peaks, peak_fractions, n_fibres = _peaks(fractions, dirs)
-    fa = np.where(mask.reshape(-1), _mean_tensor_fa(layout, fractions, dirs), 0.0)
+    fa = np.where(mask.reshape(-1), _fa(tensor), 0.0)
     n = len(bvals)
     params = {"simulator": "multitensor", "seed": int(seed), "snr": snr, "sigma": float(sigma), "shells": list(shells),
               "resolution": resolution,

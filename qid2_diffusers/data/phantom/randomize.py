@@ -5,17 +5,22 @@ A model trained on one simulator's settings learns those settings. With
 ``default_rng([seed, 2])`` (the anatomy keeps its own stream, so a seed keeps
 its brain), the properties in :data:`RANGES`:
 
-- white-matter microstructure per fibre family: parallel and extra-axonal
+- white-matter microstructure (per subject, varied a little per fibre family): parallel and extra-axonal
   perpendicular diffusivities, intra-axonal fraction, and orientation
   dispersion (a Watson distribution around each population's direction);
 - grey-matter, CSF and scalp diffusivities, and T2-like S0 contrast per tissue;
 - the receive-coil bias field (its strength, then its shape);
 - voxel size (the grid shrinks or grows over a head of fixed size), SNR;
-- the point-spread function: partial volume over a smooth raised-cosine edge
-  of 1.6-2.4 voxels (no voxel-sized steps between tissues), and, for most
-  subjects, Gibbs ringing: the noise-free series is simulated on a grid twice
-  as fine in-plane and cut to the target's k-space (optionally apodised by a
-  Tukey window), as a 2D acquisition truncates it, before noise is added.
+- the point-spread function. The noise-free series is simulated on a grid
+  twice as fine in-plane and each slice's spectrum cut to the target's
+  matrix, as a 2D acquisition truncates k-space, before noise is added:
+  partial volume is then what a scanner's point-spread function makes of
+  sharp boundaries, not a voxel-sized step. Most subjects keep the Gibbs
+  ringing of the truncation (a Tukey taper of 0-0.5 of the kept k-space
+  softens it); the others are seen through a Hann window, as after a
+  ringing filter. The truth's tissue fractions are the fine grid's through
+  the Hann window (smooth, summing to at most 1); fibre truth and mask are those of
+  the target grid.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from .geometry import geometry
 from .scheme import n_threads
 from .signal import simulate
 
-__all__ = ["RANGES", "GIBBS_PROBABILITY", "RANDOMIZED_SHELLS", "PhantomRandomization", "draw_randomization",
-           "randomize_anatomy", "ringing_signal"]
+__all__ = ["RANGES", "GIBBS_PROBABILITY", "HANN", "RANDOMIZED_SHELLS", "PhantomRandomization", "draw_randomization",
+           "randomize_anatomy", "acquire"]
 
-#: Range of each drawn property (uniform; ``snr`` and ``kappa`` log-uniform).
-#: Diffusivities in mm²/s, S0s relative to white matter's, edges in voxels.
+#: Range of each drawn property (uniform; ``snr`` and ``kappa`` log-uniform;
+#: the white-matter ones drawn once per subject, then varied by a few to 30 %
+#: per fibre family within the range). Diffusivities in mm²/s, S0s relative
+#: to white matter's.
 RANGES = {
     "resolution": (1.25, 2.5),
     "snr": (10.0, 50.0),
@@ -49,11 +56,12 @@ RANGES = {
     "csf_s0": (1.8, 4.0),
     "scalp_s0": (0.3, 1.0),
     "bias_scale": (0.5, 3.0),
-    "edge_voxels": (1.6, 2.4),
     "kspace_window": (0.0, 0.5),
 }
-#: Share of subjects with Gibbs ringing (the others as after a ringing filter).
+#: Share of subjects with Gibbs ringing; the others get :data:`HANN` as their window.
 GIBBS_PROBABILITY = 0.7
+#: The Tukey taper that is a Hann window: k-space apodised all the way, no visible ringing.
+HANN = 1.0
 #: Shells of a randomised subject unless given: HCP's.
 RANDOMIZED_SHELLS = (1000.0, 2000.0, 3000.0)
 # The fine grid of the ringing simulation is processed in slabs of about this
@@ -76,9 +84,9 @@ class PhantomRandomization:
         diffusivity (`dict`), s0_relative (`dict`): ``gm``, ``csf`` and ``scalp`` values.
         bias_scale (`float`): strength of the bias field relative to the default phantom's.
         bias (`tuple` of `float`): the bias field's coefficients (:data:`~.anatomy.BIAS_SD`).
-        edge_voxels (`float`): width of a partial-volume edge, in voxels.
-        gibbs (`bool`): simulate k-space truncation.
-        kspace_window (`float`): Tukey taper of the kept k-space (0: plain truncation).
+        gibbs (`bool`): keep the ringing of k-space truncation.
+        kspace_window (`float`): Tukey taper of the kept k-space (0: plain
+            truncation; :data:`HANN` where ``gibbs`` is off).
     """
 
     resolution: float
@@ -92,7 +100,6 @@ class PhantomRandomization:
     s0_relative: dict
     bias_scale: float
     bias: tuple
-    edge_voxels: float
     gibbs: bool
     kspace_window: float
 
@@ -116,15 +123,22 @@ def draw_randomization(seed: int, *, resolution=None, snr=None, shells=None) -> 
     def log_uniform(name, size=None):
         return np.exp(rng.uniform(*np.log(RANGES[name]), size=size))
 
+    def per_family(name, centre, spread):
+        # One value per subject, varied a little per family: white matter whose
+        # properties jump at every family boundary would be a texture of its own.
+        return np.clip(centre * np.exp(rng.normal(0.0, spread, size=n)), *RANGES[name])
+
     drawn_resolution, drawn_snr = uniform("resolution"), log_uniform("snr")
-    d_par, d_perp, fin, kappa = uniform("d_par", n), uniform("d_perp", n), uniform("intra_fraction", n), log_uniform("kappa", n)
+    d_par = per_family("d_par", uniform("d_par"), 0.05)
+    d_perp = per_family("d_perp", uniform("d_perp"), 0.1)
+    fin = per_family("intra_fraction", uniform("intra_fraction"), 0.1)
+    kappa = per_family("kappa", log_uniform("kappa"), 0.3)
     diffusivity = {t: uniform(f"{t}_diffusivity") for t in ("gm", "csf", "scalp")}
     s0 = {t: uniform(f"{t}_s0") for t in ("gm", "csf", "scalp")}
     bias_scale = uniform("bias_scale")
     bias = rng.normal(0.0, bias_scale * np.asarray(BIAS_SD))
-    edge = uniform("edge_voxels")
     gibbs = bool(rng.random() < GIBBS_PROBABILITY)
-    window = uniform("kspace_window")
+    window = uniform("kspace_window") if gibbs else HANN
     return PhantomRandomization(
         resolution=float(drawn_resolution if resolution is None else resolution),
         snr=float(drawn_snr if snr is None else snr),
@@ -132,7 +146,7 @@ def draw_randomization(seed: int, *, resolution=None, snr=None, shells=None) -> 
         d_par=tuple(d_par.tolist()), d_perp=tuple(d_perp.tolist()), intra_fraction=tuple(fin.tolist()),
         kappa=tuple(kappa.tolist()),
         diffusivity={k: float(v) for k, v in diffusivity.items()}, s0_relative={k: float(v) for k, v in s0.items()},
-        bias_scale=float(bias_scale), bias=tuple(bias.tolist()), edge_voxels=float(edge), gibbs=gibbs,
+        bias_scale=float(bias_scale), bias=tuple(bias.tolist()), gibbs=gibbs,
         kspace_window=float(window),
     )
 
@@ -149,46 +163,59 @@ def randomize_anatomy(anat: Anatomy, rand: PhantomRandomization) -> None:
 
 
 def _tukey(n: int, alpha: float) -> np.ndarray:
-    """Tukey taper over the ``n`` kept frequencies, centred on DC at index ``n // 2``."""
-    r = np.abs(np.arange(n) - n // 2) / (n / 2)
+    """Tukey taper of the ``n`` frequencies an ``n``-point transform keeps, in FFT order."""
+    r = np.abs(np.fft.fftfreq(n, 1.0 / n)) / (n / 2)
     if alpha <= 0:
         return np.ones(n)
     return np.where(r <= 1 - alpha, 1.0, 0.5 * (1 + np.cos(np.pi * np.clip(r - 1 + alpha, 0, alpha) / alpha)))
 
 
-def _truncate_kspace(fine, window):
-    """Magnitude image of the central ``window.shape`` block of each fine slice's spectrum (tapered)."""
+def _truncate_kspace(fine, shape, alpha):
+    """Magnitude image of each fine slice's spectrum cut to the ``shape`` (X, Y) matrix and tapered.
+
+    The object is real, so the half spectrum of ``rfft2`` holds it all; the
+    kept frequencies are picked by index (no shifts of the large array).
+    """
     workers = n_threads()
-    nx, ny = window.shape
-    spectrum = scipy.fft.fftshift(scipy.fft.fft2(fine, axes=(0, 1), workers=workers), axes=(0, 1))
-    cx, cy = fine.shape[0] // 2 - nx // 2, fine.shape[1] // 2 - ny // 2
-    kept = spectrum[cx : cx + nx, cy : cy + ny] * window.reshape(nx, ny, 1, 1).astype(np.float32)
-    image = scipy.fft.ifft2(scipy.fft.ifftshift(kept, axes=(0, 1)), axes=(0, 1), workers=workers)
-    return (np.abs(image) * np.float32(nx * ny / (fine.shape[0] * fine.shape[1]))).astype(np.float32)
+    nx, ny = shape
+    spectrum = scipy.fft.rfft2(fine, axes=(0, 1), workers=workers)
+    rows = np.fft.fftfreq(nx, 1.0 / nx).astype(np.intp) % fine.shape[0]
+    kept = spectrum[rows, : ny // 2 + 1]
+    window = np.outer(_tukey(nx, alpha), _tukey(ny, alpha)[: ny // 2 + 1]).astype(np.float32)
+    kept *= window.reshape(window.shape + (1,) * (fine.ndim - 2))
+    image = scipy.fft.irfft2(kept, s=(nx, ny), axes=(0, 1), workers=workers)
+    return np.abs(image * np.float32(nx * ny / (fine.shape[0] * fine.shape[1]))).astype(np.float32)
 
 
-def ringing_signal(anat, shape, affine, rand: PhantomRandomization, bvals, bvecs, dispersion) -> np.ndarray:
-    """The noise-free series of a 2D acquisition whose k-space stops at the grid's resolution.
+def acquire(anat, shape, affine, rand: PhantomRandomization, bvals, bvecs, dispersion):
+    """The noise-free series a 2D acquisition of the grid sees, and the tissue fractions of its smooth PSF.
 
     Simulated on a grid twice as fine in-plane (boundaries sharp at the target
     scale) in slabs of axial slices; each slice's spectrum is cut to the
-    target's matrix, tapered by :func:`_tukey` and transformed back, so sharp
-    edges ring as they do in a scanner's image. Target voxel ``i`` sits at
-    fine voxel ``2 i``, where the discrete Fourier transform samples it.
+    target's matrix, tapered by the subject's window and transformed back, so
+    sharp edges ring as they do in a scanner's image. The fine tissue fractions
+    go through the same cut with a Hann window. Target voxel ``i`` sits at fine
+    voxel ``2 i``, where the discrete Fourier transform samples it.
+
+    Returns:
+        `(signal, tissue)`: float32 arrays of shape ``shape + (N,)`` and ``shape + (3,)``.
     """
     nx, ny, nz = shape
     fine_shape = (2 * nx, 2 * ny)
     fine_affine = affine.copy()
     fine_affine[:3, :2] /= 2
     n = len(bvals)
-    window = np.outer(_tukey(nx, rand.kspace_window), _tukey(ny, rand.kspace_window))
     per_slab = max(1, _SPECTRUM_BYTES // (fine_shape[0] * fine_shape[1] * n * 8))
     signal = np.empty(shape + (n,), dtype=np.float32)
+    tissue = np.empty(shape + (3,), dtype=np.float32)
     for k0 in range(0, nz, per_slab):
         slab = fine_shape + (min(per_slab, nz - k0),)
         slab_affine = fine_affine.copy()
         slab_affine[:3, 3] += affine[:3, 2] * k0
         geo = geometry(anat, slab, slab_affine, rand.resolution / 2)
         fine = simulate(anat, geo, slab, bvals, bvecs, dispersion=dispersion)
-        signal[:, :, k0 : k0 + slab[2]] = _truncate_kspace(fine, window)
-    return signal
+        signal[:, :, k0 : k0 + slab[2]] = _truncate_kspace(fine, (nx, ny), rand.kspace_window)
+        # The Hann window's faint side lobes may overshoot by a few per cent: keep fractions fractions.
+        fractions = np.clip(_truncate_kspace(geo.to_grid(geo.tissue), (nx, ny), HANN), 0.0, 1.0)
+        tissue[:, :, k0 : k0 + slab[2]] = fractions / np.maximum(fractions.sum(axis=-1, keepdims=True), 1.0)
+    return signal, tissue

@@ -92,12 +92,24 @@ def _population(peaks, family, g, b, params, tables):
     if tables is None:
         dpar, fin, dperp = params[family].T[:, :, None]
         return _stick_zeppelin(peaks, g, b, dpar, fin, dperp)
-    pos = np.abs(peaks @ g.T) * np.float32(_TABLE_POINTS - 1)
-    i = np.minimum(pos.astype(np.intp), _TABLE_POINTS - 2)
-    w = pos - i.astype(np.float32)
-    volume = np.arange(len(b))[None, :]
-    lower = tables[family[:, None], volume, i]
-    return lower + w * (tables[family[:, None], volume, i + 1] - lower)
+    # Linear interpolation in the tables, addressed by flat int32 indices (numpy's
+    # take is ~7x faster than fancy indexing with three broadcast index arrays).
+    n_volumes, points = tables.shape[1:]
+    weight = np.abs(peaks @ g.T)
+    weight *= np.float32(points - 1)
+    index = weight.astype(np.int32)
+    np.minimum(index, points - 2, out=index)
+    weight -= index
+    index += (family.astype(np.int32) * (n_volumes * points))[:, None]
+    index += (np.arange(n_volumes, dtype=np.int32) * points)[None, :]
+    flat = tables.reshape(-1)
+    lower = flat.take(index)
+    index += 1
+    att = flat.take(index)
+    att -= lower
+    att *= weight
+    att += lower
+    return att
 
 
 def simulate(anat, geo, shape, bvals, bvecs, *, dispersion=None) -> np.ndarray:

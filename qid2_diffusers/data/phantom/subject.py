@@ -10,7 +10,7 @@ import numpy as np
 from ...errors import QID2InputError
 from .anatomy import draw_anatomy
 from .geometry import geometry
-from .randomize import PhantomRandomization, draw_randomization, randomize_anatomy, ringing_signal
+from .randomize import PhantomRandomization, acquire, draw_randomization, randomize_anatomy
 from .scheme import hcp_scheme, phantom_grid
 from .signal import add_noise, dispersion_tables, simulate, tensor_fa
 
@@ -153,18 +153,16 @@ def make_subject(seed: int, *, resolution: float | None = None, snr: float | Non
 
     bvals, bvecs = hcp_scheme(shells)
     anat = draw_anatomy(np.random.default_rng([int(seed), 0]))
+    if rand is not None:
+        randomize_anatomy(anat, rand)
+    geo = geometry(anat, shape, affine, resolution)
+    truth = _truth_maps(geo)
     if rand is None:
-        geo = geometry(anat, shape, affine, resolution)
         signal = simulate(anat, geo, shape, bvals, bvecs)
         head = geo.head_grid
     else:
-        randomize_anatomy(anat, rand)
-        geo = geometry(anat, shape, affine, rand.edge_voxels * resolution, smooth_edges=True)
         tables = dispersion_tables(np.asarray(rand.kappa), anat.dpar, anat.fin, anat.dperp, bvals)
-        if rand.gibbs:
-            signal = ringing_signal(anat, shape, affine, rand, bvals, bvecs, tables)
-        else:
-            signal = simulate(anat, geo, shape, bvals, bvecs, dispersion=tables)
+        signal, truth["tissue"] = acquire(anat, shape, affine, rand, bvals, bvecs, tables)
         head = signal.any(axis=-1)
     sigma = 0.0 if np.isinf(snr) else anat.s0_wm / snr
     params = dict(anat.params, sigma=sigma, snr=snr, shells=list(shells), resolution=resolution, seed=int(seed))
@@ -173,25 +171,19 @@ def make_subject(seed: int, *, resolution: float | None = None, snr: float | Non
     return PhantomSubject(
         dwi=add_noise(signal, head, sigma, int(seed), k0), bvals=bvals, bvecs=bvecs, affine=affine,
         mask=geo.mask_grid, signal=signal, fa=tensor_fa(signal, geo.mask_grid, bvals, bvecs),
-        **_truth_maps(geo, shape), seed=int(seed), resolution=resolution, snr=snr, sigma=float(sigma), params=params,
+        **truth, seed=int(seed), resolution=resolution, snr=snr, sigma=float(sigma), params=params,
     )
 
 
-def _truth_maps(geo, shape) -> dict:
-    """Fibre and tissue truth of the head's voxels, scattered onto the grid."""
-
-    def scatter(values, fill_shape, dtype):
-        out = np.zeros(shape + fill_shape, dtype=dtype)
-        out.reshape((-1,) + fill_shape)[geo.head_flat] = values
-        return out
-
+def _truth_maps(geo) -> dict:
+    """Fibre and tissue truth of the head's voxels, on the grid."""
     peaks = np.zeros((len(geo.head_flat), 3, 3), dtype=np.float32)
     fractions = np.zeros((len(geo.head_flat), 3), dtype=np.float32)
     peaks[geo.wm_rows] = geo.peaks
     fractions[geo.wm_rows] = geo.fractions
     return {
-        "peaks": scatter(peaks, (3, 3), np.float32),
-        "peak_fractions": scatter(fractions, (3,), np.float32),
-        "n_fibres": scatter((fractions > 0).sum(axis=1).astype(np.uint8), (), np.uint8),
-        "tissue": scatter(geo.tissue.astype(np.float32), (3,), np.float32),
+        "peaks": geo.to_grid(peaks),
+        "peak_fractions": geo.to_grid(fractions),
+        "n_fibres": geo.to_grid((fractions > 0).sum(axis=1).astype(np.uint8), np.uint8),
+        "tissue": geo.to_grid(geo.tissue.astype(np.float32)),
     }
