@@ -60,12 +60,10 @@ def _number(value: str, flag: str) -> float:
 
 def _n_slices(simulator: str, resolution: float) -> int:
     """Axial slices of the grid a slab is cut from."""
-    from ..data.phantom import phantom_grid
+    from ..data.phantom import HCP_FOV_MM, phantom_grid
     from ..data.phantom.multitensor import FOV_MM
 
-    if simulator == "multitensor":
-        return int(math.floor(FOV_MM[2] / resolution + 1e-6))
-    return phantom_grid(resolution)[0][2]
+    return phantom_grid(resolution, FOV_MM if simulator == "multitensor" else HCP_FOV_MM)[0][2]
 
 
 def run(args) -> int:

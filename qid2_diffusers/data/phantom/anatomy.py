@@ -168,28 +168,27 @@ def _projection(rng) -> list:
     return fam
 
 
-def _dorsal_association(rng) -> list:
-    """Superior longitudinal fasciculus hooking into the arcuate."""
-    radius = _family_radius(rng, 5.0)
+def _association(rng, base_radius, centre_line, offsets) -> list:
+    """Per hemisphere, parallel copies of ``centre_line`` shifted by ``offsets`` (dx, dz) mm."""
+    radius = _family_radius(rng, base_radius)
     fam = []
     for s in (-1, 1):
-        for dx, dz in ((-4, 16), (0, 10), (3, 3), (6, -4), (9, -11), (-6, 4)):
-            way = [[28 + dx, 32, 26 + dz], [32 + dx, 8, 29 + dz], [34 + dx, -20, 29 + dz], [36 + dx, -42, 22 + dz],
-                   [40 + dx, -50, 6 + dz], [44 + dx, -38, -8 + dz], [46 + dx, -20, -14 + dz]]
+        for dx, dz in offsets:
+            way = np.asarray(centre_line, dtype=np.float64) + [dx, 0, dz]
             fam.append(Bundle(*catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
     return fam
+
+
+def _dorsal_association(rng) -> list:
+    """Superior longitudinal fasciculus hooking into the arcuate."""
+    line = [[28, 32, 26], [32, 8, 29], [34, -20, 29], [36, -42, 22], [40, -50, 6], [44, -38, -8], [46, -20, -14]]
+    return _association(rng, 5.0, line, ((-4, 16), (0, 10), (3, 3), (6, -4), (9, -11), (-6, 4)))
 
 
 def _ventral_association(rng) -> list:
     """Fronto-occipital and inferior longitudinal fasciculi through the temporal stem."""
-    radius = _family_radius(rng, 4.5)
-    fam = []
-    for s in (-1, 1):
-        for dx, dz in ((-6, 10), (-3, 5), (0, 0), (4, -6), (8, 2)):
-            way = [[22 + dx, 48, -2 + dz], [28 + dx, 25, -6 + dz], [33 + dx, 2, -10 + dz], [37 + dx, -25, -8 + dz],
-                   [38 + dx, -55, -2 + dz], [30 + dx, -85, 4 + dz]]
-            fam.append(Bundle(*catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
-    return fam
+    line = [[22, 48, -2], [28, 25, -6], [33, 2, -10], [37, -25, -8], [38, -55, -2], [30, -85, 4]]
+    return _association(rng, 4.5, line, ((-6, 10), (-3, 5), (0, 0), (4, -6), (8, 2)))
 
 
 def _cingulum(rng, callosum) -> list:

@@ -31,9 +31,8 @@ import json
 
 import numpy as np
 
-from ...errors import QID2InputError
 from .scheme import hcp_scheme
-from .subject import PhantomSubject, check_options
+from .subject import PhantomSubject, check_options, subject_grid
 
 __all__ = ["FOV_MM", "MIN_SHARE", "make_multitensor_subject"]
 
@@ -172,17 +171,12 @@ def _peaks(fractions, dirs):
 
 
 def _grid(resolution, slab):
-    full = tuple(int(np.floor(f / resolution + 1e-6)) for f in FOV_MM)
-    if slab is not None and (isinstance(slab, bool) or not isinstance(slab, (int, np.integer)) or not 1 <= slab <= full[2]):
-        raise QID2InputError(None, f"slab must be between 1 and {full[2]} axial slices at {resolution:g} mm, got {slab!r}")
-    k0 = 0 if slab is None else (full[2] - int(slab)) // 2
-    shape = full if slab is None else full[:2] + (int(slab),)
-    affine = np.diag([-resolution, resolution, resolution, 1.0])
-    affine[:3, 3] = -affine[:3, :3] @ ((np.array(full) - 1) / 2.0 - [0, 0, k0])
-    # Voxel centres in voxel-frame millimetres about the full slab's centre: directions
-    # here are voxel-frame directions, and a slab is the matching slices of the full one.
+    shape, affine, _ = subject_grid(resolution, slab, fov=FOV_MM, centre=(0.0, 0.0, 0.0))
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
-    centres = (ijk + [0, 0, k0] - (np.array(full) - 1) / 2.0) * resolution
+    # Voxel centres in voxel-frame millimetres about the full slab's centre (world
+    # millimetres with x flipped back): directions here are voxel-frame directions,
+    # and a slab is the matching slices of the full one.
+    centres = (ijk @ affine[:3, :3].T + affine[:3, 3]) * [-1.0, 1.0, 1.0]
     return shape, affine, centres
 
 

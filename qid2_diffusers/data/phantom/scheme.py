@@ -68,15 +68,20 @@ def hcp_scheme(shells=(1000,), n_b0: int = 18, n_directions: int = 90, seed: int
     return bvals, bvecs
 
 
-def phantom_grid(resolution: float = 2.5) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Shape and affine of the HCP field of view sampled at ``resolution`` mm.
+def phantom_grid(resolution: float = 2.5, fov=HCP_FOV_MM, centre=HCP_CENTRE_MM) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of a field of view (by default HCP's) sampled at ``resolution`` mm.
 
     1.25 mm gives HCP's own 145×174×145 grid and affine; 2.5 mm gives 72×87×72
     with the same centre; any other size gives the grid that fills the same
     field of view (a head of fixed physical size). The x zoom is negative, as
     in HCP.
+
+    Args:
+        resolution (`float`, *optional*, defaults to 2.5): isotropic voxel size (mm).
+        fov (`tuple` of `float`, *optional*): field of view (mm), HCP's by default.
+        centre (`tuple` of `float`, *optional*): world position (mm) of the grid's centre.
     """
-    shape = tuple(int(np.floor(f / resolution + 1e-6)) for f in HCP_FOV_MM)
+    shape = tuple(int(np.floor(f / resolution + 1e-6)) for f in fov)
     affine = np.diag([-resolution, resolution, resolution, 1.0])
-    affine[:3, 3] = np.array(HCP_CENTRE_MM) - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    affine[:3, 3] = np.array(centre) - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
     return shape, affine

@@ -11,7 +11,7 @@ from ...errors import QID2InputError
 from .anatomy import draw_anatomy
 from .geometry import geometry
 from .randomize import PhantomRandomization, acquire, draw_randomization, randomize_anatomy
-from .scheme import hcp_scheme, phantom_grid
+from .scheme import HCP_CENTRE_MM, HCP_FOV_MM, hcp_scheme, phantom_grid
 from .signal import add_noise, dispersion_tables, simulate, tensor_fa
 
 __all__ = ["PhantomSubject", "make_subject", "check_options", "subject_grid"]
@@ -87,9 +87,10 @@ def check_options(seed, resolution=None, snr=None, shells=None):
             raise QID2InputError(None, f"shells must be distinct, got {tuple(shells)}")
 
 
-def subject_grid(resolution: float, slab):
-    """Shape, affine and first full-grid slice of the ``slab`` central axial slices (`None`: all)."""
-    full_shape, affine = phantom_grid(resolution)
+def subject_grid(resolution: float, slab, *, fov=HCP_FOV_MM, centre=HCP_CENTRE_MM):
+    """Shape, affine and first slice (in the full grid) of the ``slab`` central axial slices of
+    :func:`~.scheme.phantom_grid` (`None`: all of them)."""
+    full_shape, affine = phantom_grid(resolution, fov, centre)
     if slab is not None and (isinstance(slab, bool) or not isinstance(slab, (int, np.integer)) or not 1 <= slab <= full_shape[2]):
         raise QID2InputError(None, f"slab must be between 1 and {full_shape[2]} axial slices at {resolution:g} mm, got {slab!r}")
     k0 = 0 if slab is None else (full_shape[2] - int(slab)) // 2
