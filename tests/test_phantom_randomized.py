@@ -160,3 +160,12 @@ def test_cli_randomize_writes_loadable_subjects(tmp_path):
     assert truth["signal"].shape == (72, 87, 1, 198)
     assert truth["params"]["randomization"]["resolution"] == 2.5 and truth["params"]["shells"] == [1000, 2000]
     assert 10 <= truth["params"]["snr"] <= 50
+
+
+def test_bad_options_are_rejected_before_anything_is_drawn():
+    from qid2_diffusers.errors import QID2InputError
+
+    for options, message in ((dict(seed=-1), "seed"), (dict(seed=0, shells=(50,)), "shells"),
+                             (dict(seed=0, snr=0.0), "snr"), (dict(seed=0, resolution=2.5, slab=73), "slab")):
+        with pytest.raises(QID2InputError, match=message):
+            make_subject(randomize=True, **options)

@@ -5,9 +5,10 @@ A model trained on one simulator's settings learns those settings. With
 ``default_rng([seed, 2])`` (the anatomy keeps its own stream, so a seed keeps
 its brain), the properties in :data:`RANGES`:
 
-- white-matter microstructure (per subject, varied a little per fibre family): parallel and extra-axonal
-  perpendicular diffusivities, intra-axonal fraction, and orientation
-  dispersion (a Watson distribution around each population's direction);
+- white-matter microstructure (per subject, varied a little per fibre
+  family): parallel and extra-axonal perpendicular diffusivities,
+  intra-axonal fraction, and orientation dispersion (a Watson distribution
+  around each population's direction);
 - grey-matter, CSF and scalp diffusivities, and T2-like S0 contrast per tissue;
 - the receive-coil bias field (its strength, then its shape);
 - voxel size (the grid shrinks or grows over a head of fixed size), SNR;
@@ -19,8 +20,8 @@ its brain), the properties in :data:`RANGES`:
   ringing of the truncation (a Tukey taper of 0-0.5 of the kept k-space
   softens it); the others are seen through a Hann window, as after a
   ringing filter. The truth's tissue fractions are the fine grid's through
-  the Hann window (smooth, summing to at most 1); fibre truth and mask are those of
-  the target grid.
+  the Hann window (smooth, summing to at most 1); fibre truth and mask are
+  those of the target grid.
 """
 
 from __future__ import annotations

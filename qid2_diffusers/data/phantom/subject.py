@@ -143,13 +143,16 @@ def make_subject(seed: int, *, resolution: float | None = None, snr: float | Non
     (72, 87, 8, 108)
     ```
     """
+    resolution = None if resolution is None else float(resolution)
+    snr = None if snr is None else float(snr)
+    shells = None if shells is None else tuple(float(b) for b in shells)
+    check_options(seed, resolution, snr, shells)
     rand = _randomization(seed, randomize, resolution, snr, shells)
     if rand is not None:
         resolution, snr, shells = rand.resolution, rand.snr, rand.shells
-    resolution = float(DEFAULT_RESOLUTION if resolution is None else resolution)
-    snr = float(DEFAULT_SNR if snr is None else snr)
-    shells = tuple(float(b) for b in (DEFAULT_SHELLS if shells is None else shells))
-    check_options(seed, resolution, snr, shells)
+    resolution = DEFAULT_RESOLUTION if resolution is None else resolution
+    snr = DEFAULT_SNR if snr is None else snr
+    shells = DEFAULT_SHELLS if shells is None else shells
     shape, affine, k0 = subject_grid(resolution, slab)
 
     bvals, bvecs = hcp_scheme(shells)

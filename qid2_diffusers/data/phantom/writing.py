@@ -142,8 +142,11 @@ def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float | Non
         raise QID2InputError(None, f"simulator must be one of {', '.join(SIMULATORS)}, got {simulator!r}")
     if randomize and simulator != "brain":
         raise QID2InputError(None, f"randomize applies to the brain phantom, not the {simulator} simulator")
-    options = {"resolution": resolution, "snr": snr, "shells": None if shells is None else tuple(float(b) for b in shells), "slab": slab}
-    check_options(seed, *(None if v is None else float(v) for v in (resolution, snr)), options["shells"])
+    resolution = None if resolution is None else float(resolution)
+    snr = None if snr is None else float(snr)
+    shells = None if shells is None else tuple(float(b) for b in shells)
+    check_options(seed, resolution, snr, shells)
+    options = {"resolution": resolution, "snr": snr, "shells": shells, "slab": slab}
     if randomize:
         options["randomize"] = True
     out_dir = Path(out_dir)
@@ -155,7 +158,7 @@ def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float | Non
     import multiprocessing
 
     # Forked workers inherit the imported package and the cached scheme.
-    hcp_scheme(shells=options["shells"] or (1000.0,))
+    hcp_scheme(shells=shells or (1000.0,))
     with multiprocessing.get_context("fork").Pool(min(jobs, n_subjects)) as pool:
         return list(tqdm(pool.imap(_write_one, work), **bar))
 
