@@ -169,3 +169,21 @@ def test_bad_options_are_rejected_before_anything_is_drawn():
                              (dict(seed=0, snr=0.0), "snr"), (dict(seed=0, resolution=2.5, slab=73), "slab")):
         with pytest.raises(QID2InputError, match=message):
             make_subject(randomize=True, **options)
+
+
+def test_watson_dispersion_tables():
+    from qid2_diffusers.data.phantom.signal import dispersion_tables
+
+    bvals = np.array([0.0, 1000.0, 3000.0])
+    dpar, fin, dperp = np.full(3, 1.8e-3), np.full(3, 0.5), np.full(3, 0.4e-3)
+    tables = dispersion_tables(np.array([2.0, 10.0, 1e3]), dpar, fin, dperp, bvals)
+    assert tables.shape == (3, 3, 513)
+    np.testing.assert_allclose(tables[:, 0], 1.0, rtol=1e-6)  # b0: no attenuation
+    # Nearly no dispersion: the straight stick + zeppelin at every angle.
+    c = np.linspace(0, 1, 513)
+    straight = 0.5 * np.exp(-1.8e-3 * 3000 * c**2) + 0.5 * np.exp(-1.4e-3 * 3000 * c**2 - 0.4e-3 * 3000)
+    np.testing.assert_allclose(tables[2, 2], straight, atol=5e-3)
+    # More dispersion, less anisotropy: the signal along the fibre rises, across it falls.
+    contrast = tables[:, 2, 0] - tables[:, 2, -1]
+    assert contrast[0] < contrast[1] < contrast[2]
+    assert np.all(np.diff(tables[:, 2], axis=-1) <= 1e-6)  # decays as the gradient turns towards the fibre

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-__all__ = ["FAMILIES", "MIN_FIBRE_FRACTION", "MERGE_ANGLE_DEG", "BIAS_SD", "Bundle", "Anatomy", "draw_anatomy", "anatomy_params", "catmull_rom"]
+__all__ = ["FAMILIES", "MIN_FIBRE_FRACTION", "MERGE_ANGLE_DEG", "BIAS_SD", "Bundle", "Anatomy", "draw_anatomy", "anatomy_params"]
 
 #: Fibre families, in the order of their indices in a subject's parameters.
 FAMILIES = ("commissural", "projection", "association", "ventral_association", "cingulum", "radial", "u_fibre")
@@ -76,7 +76,7 @@ class Anatomy:
     params: dict
 
 
-def catmull_rom(waypoints, step: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+def _catmull_rom(waypoints, step: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
     """Sample a smooth curve through ``waypoints`` every ~``step`` mm, with unit tangents."""
     p = np.asarray(waypoints, dtype=np.float64)
     ext = np.vstack([2 * p[0] - p[1], p, 2 * p[-1] - p[-2]])
@@ -132,7 +132,7 @@ def _commissural(rng, callosum) -> list:
             way = np.column_stack([xz[:, 0], y_mid + (y_k - y_mid) * (1 + fan * (xz[:, 0] / reach) ** 2),
                                    _callosum_height(callosum, y_k) + xz[:, 1]])
             way[:, 1:] = _jitter(rng, way[:, 1:], 1.0)
-            pts, tans = catmull_rom(way)
+            pts, tans = _catmull_rom(way)
             fam.append(Bundle(pts, tans, r_cc * (1 + 0.8 * np.minimum(np.abs(pts[:, 0]) / reach, 1.0) ** 2)))
     # Forceps minor and major: U-shaped sheets from the genu and splenium to the poles.
     for y_end, sign in ((y_genu, 1.0), (y_spl, -1.0)):
@@ -141,10 +141,10 @@ def _commissural(rng, callosum) -> list:
                 out = np.array([[spread * 0.5, 5.0], [spread, 18.0], [spread * 1.05, 40.0]])
                 xy = np.vstack([out[::-1] * [-1, 1], [[0.0, 0.0]], out])
                 way = np.column_stack([xy[:, 0], y_end + sign * xy[:, 1], z_ends + dz * np.minimum(np.abs(xy[:, 0]) / 10, 1)])
-                fam.append(Bundle(*catmull_rom(_jitter(rng, way, 1.0)), r_cc))
+                fam.append(Bundle(*_catmull_rom(_jitter(rng, way, 1.0)), r_cc))
     pons = np.array([[-38, -62, -38], [-24, -46, -33], [-10, -34, -30], [0, -31, -30], [10, -34, -30], [24, -46, -33], [38, -62, -38]], float)
     radius = _family_radius(rng, 4.0)
-    fam += [Bundle(*catmull_rom(_jitter(rng, pons + [0, 0, dz])), radius) for dz in (0.0, -6.0)]
+    fam += [Bundle(*_catmull_rom(_jitter(rng, pons + [0, 0, dz])), radius) for dz in (0.0, -6.0)]
     return fam
 
 
@@ -158,13 +158,13 @@ def _projection(rng) -> list:
                 way = [[5, -38, -75], [7, -31, -45], [12, -22, -15], [18.5, -12 + 0.45 * fy, 5],
                        [21 + 0.4 * fx, -12 + 0.65 * fy, 26], [22 + 0.8 * fx, -12 + 0.9 * fy, 45], [22 + fx, -12 + fy, 62]]
                 way = _jitter(rng, way, 1.5) * [s, 1, 1]
-                fam.append(Bundle(*catmull_rom(way), radius))
+                fam.append(Bundle(*_catmull_rom(way), radius))
         # Anterior (to the frontal pole) and optic (to the occipital pole) radiations.
         for dz in (-6, 0, 6):
             way = [[10, -14, 4], [15, 2, 6 + dz], [20, 22, 8 + dz], [22, 45, 6 + dz], [20, 62, 2 + dz]]
-            fam.append(Bundle(*catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
+            fam.append(Bundle(*_catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
             way = [[20, -26, -2], [30, -32, 0 + dz / 2], [32, -52, 4 + dz], [28, -72, 6 + dz], [18, -92, 6 + dz]]
-            fam.append(Bundle(*catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
+            fam.append(Bundle(*_catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
     return fam
 
 
@@ -175,7 +175,7 @@ def _association(rng, base_radius, centre_line, offsets) -> list:
     for s in (-1, 1):
         for dx, dz in offsets:
             way = np.asarray(centre_line, dtype=np.float64) + [dx, 0, dz]
-            fam.append(Bundle(*catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
+            fam.append(Bundle(*_catmull_rom(_jitter(rng, way) * [s, 1, 1]), radius))
     return fam
 
 
@@ -205,7 +205,7 @@ def _cingulum(rng, callosum) -> list:
     for s in (-1, 1):
         way = [[7, y_genu + 2, -6], [7, y_genu + 10, 14], [7, y_genu - 8, over(y_genu - 8)], [7, y_mid, over(y_mid)],
                [7, y_spl + 2, over(y_spl + 2)], [9, y_spl - 10, 6], [18, y_spl, -12], [25, y_spl + 18, -20]]
-        fam.append(Bundle(*catmull_rom(_jitter(rng, way, 1.0) * [s, 1, 1]), radius))
+        fam.append(Bundle(*_catmull_rom(_jitter(rng, way, 1.0) * [s, 1, 1]), radius))
     return fam
 
 
@@ -234,13 +234,13 @@ def _ventricles(rng, callosum, atrophy):
                         [18, y_spl + 3, 9], [26, y_spl + 5, -4], [30, -20, -14], [30, -5, -20]], float)
         radii = np.array([4.5, 5.5, 5.0, 5.5, 6.0, 4.5, 3.5, 3.0]) * vscale
         way[:4, 0] = 2.0 + radii[:4]  # the septum stays between the two ventricles
-        pts, _ = catmull_rom(_jitter(rng, way, 1.0) * [s, 1, 1], step=0.5)
+        pts, _ = _catmull_rom(_jitter(rng, way, 1.0) * [s, 1, 1], step=0.5)
         arc = np.r_[0, np.cumsum(np.linalg.norm(np.diff(way, axis=0), axis=1))]
         along = np.r_[0, np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))]
         vent_pts.append(pts)
         vent_r.append(np.interp(along / along[-1] * arc[-1], arc, radii))
     for z in (-6.0, -1.0, 4.0):  # third ventricle: a thin midline sheet
-        pts, _ = catmull_rom([[0, 2, z - 2], [0, -10, z + 2], [0, -22, z + 3]], step=0.5)
+        pts, _ = _catmull_rom([[0, 2, z - 2], [0, -10, z + 2], [0, -22, z + 3]], step=0.5)
         vent_pts.append(pts)
         vent_r.append(np.full(len(pts), 1.4 * vscale))
     return np.vstack(vent_pts), np.concatenate(vent_r)

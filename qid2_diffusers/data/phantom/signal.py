@@ -12,15 +12,15 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy.special import erfi
+from scipy.special import dawsn
 
 from .scheme import n_threads
 
-__all__ = ["CHUNK", "simulate", "add_noise", "tensor_fa", "watson_directions", "dispersion_tables"]
+__all__ = ["simulate", "add_noise", "tensor_fa", "watson_directions", "dispersion_tables"]
 
-#: Voxels per chunk of the signal computation (8 chunks for the tensor fit):
-#: bounds the temporaries to ~7 MB per float32 array at 108 volumes.
-CHUNK = 16384
+# Voxels per chunk of the signal computation (8 chunks for the tensor fit):
+# bounds the temporaries to ~7 MB per float32 array at 108 volumes.
+_CHUNK = 16384
 # A dispersed kernel is tabulated at this many values of |g·fibre| in [0, 1]
 # (linear interpolation error < 1e-4), averaging this many orientations
 # (quadrature error < 1e-4 of S0 at b = 3000 s/mm²).
@@ -40,7 +40,9 @@ def watson_directions(kappa: float, n: int) -> np.ndarray:
         `np.ndarray` of shape `(n, 3)`: unit vectors.
     """
     t = np.linspace(0.0, 1.0, 4097)
-    cdf = erfi(np.sqrt(kappa) * t) / erfi(np.sqrt(kappa))
+    # erfi(√κ t) / erfi(√κ), through Dawson's function so that large κ does not overflow.
+    root = np.sqrt(kappa)
+    cdf = np.exp(kappa * (t**2 - 1)) * dawsn(root * t) / dawsn(root)
     cos = np.interp((np.arange(n) + 0.5) / n, cdf, t)
     phi = np.arange(n) * np.pi * (3 - np.sqrt(5))
     sin = np.sqrt(1 - cos**2)
@@ -137,7 +139,7 @@ def simulate(anat, geo, shape, bvals, bvecs, *, dispersion=None) -> np.ndarray:
     params = np.stack([anat.dpar, anat.fin, anat.dperp], axis=1).astype(np.float32)
 
     def chunk(start):
-        rows = np.arange(start, min(start + CHUNK, len(geo.head_flat)))
+        rows = np.arange(start, min(start + _CHUNK, len(geo.head_flat)))
         out = iso_coef[rows] @ iso_att
         wm_idx = wm_of_row[rows]
         has_wm = wm_idx >= 0
@@ -155,7 +157,7 @@ def simulate(anat, geo, shape, bvals, bvecs, *, dispersion=None) -> np.ndarray:
         flat[geo.head_flat[rows]] = out * s0[rows, None]
 
     with ThreadPoolExecutor(n_threads()) as pool:
-        list(pool.map(chunk, range(0, len(geo.head_flat), CHUNK)))
+        list(pool.map(chunk, range(0, len(geo.head_flat), _CHUNK)))
     return signal
 
 
@@ -204,9 +206,9 @@ def tensor_fa(signal, mask, bvals, bvecs):
     fa = np.zeros(mask.size, dtype=np.float32)
 
     def chunk(start):
-        sel = voxels[start : start + 8 * CHUNK]
+        sel = voxels[start : start + 8 * _CHUNK]
         fa[sel] = fit_tensor(flat[sel][:, keep], bvals[keep], bvecs[keep], fit_method="OLS").fa
 
     with ThreadPoolExecutor(n_threads()) as pool:
-        list(pool.map(chunk, range(0, len(voxels), 8 * CHUNK)))
+        list(pool.map(chunk, range(0, len(voxels), 8 * _CHUNK)))
     return fa.reshape(mask.shape)
