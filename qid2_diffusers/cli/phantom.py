@@ -30,7 +30,7 @@ def add_parser(subparsers):
                    help="b-values of the shells, e.g. 1000,2000,3000 (default 1000; 1000,2000,3000 with --randomize)")
     p.add_argument("--slab", default=None, metavar="K", help="keep only the K central axial slices (small, fast cohorts)")
     p.add_argument("--randomize", action="store_true", help="domain-randomised brain phantoms (options given explicitly are kept)")
-    p.add_argument("--simulator", default="brain",
+    p.add_argument("--simulator", default="brain", metavar="NAME",
                    help="brain (default) or multitensor: dipy multi-tensor slab, 64x64x16 at 2.5 mm (evaluation only)")
     p.add_argument("--jobs", type=int, default=1, metavar="J", help="subjects simulated in parallel processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
