@@ -7,7 +7,8 @@ Each measurement runs in a fresh Python process, so its peak resident memory
 - ``scheme``: the first ``hcp_scheme()`` of a process (dipy's charge dispersion
   for the 90 directions; cached afterwards, so a cohort pays it once);
 - ``subject``: ``make_subject`` itself, the figure the targets refer to
-  (1.25 mm <= 60 s and <= 6 GB, 2.5 mm <= 10 s, on 2 cores);
+  (1.25 mm <= 60 s and <= 6 GB, 2.5 mm <= 10 s, on 2 cores; a randomised
+  2.5 mm subject of three shells and 24 slices well under a minute on one);
 - ``write``: ``write_subject`` (gzip NIfTI), with ``--write``;
 - peak RSS of the process, and its growth during ``make_subject``.
 
@@ -15,6 +16,11 @@ Usage::
 
     python benchmarks/bench_phantom.py                  # 2.5 and 1.25 mm, seed 0
     python benchmarks/bench_phantom.py --resolutions 2.5 --repeats 3 --write
+    python benchmarks/bench_phantom.py --randomize --resolutions 2.5 1.25 --slab 24 --shells 1000 2000 3000
+
+With ``--randomize`` the subject is domain-randomised (the voxel size and
+shells given, the rest drawn from the seed); its series is simulated on a grid
+twice as fine in-plane before the k-space cut, so it costs more than a default one.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ t = time.perf_counter()
 from qid2_diffusers.data.phantom import hcp_scheme, make_subject, write_subject
 out = {"import": time.perf_counter() - t}
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # GiB (ru_maxrss is KiB)
-t = time.perf_counter(); hcp_scheme(); out["scheme"] = time.perf_counter() - t
+options = json.loads(sys.argv[4])
+t = time.perf_counter(); hcp_scheme(options["shells"]); out["scheme"] = time.perf_counter() - t
 before = rss()
 t = time.perf_counter()
-subject = make_subject(int(sys.argv[2]), resolution=float(sys.argv[1]))
+subject = make_subject(int(sys.argv[2]), resolution=float(sys.argv[1]), **options)
 out["subject"] = time.perf_counter() - t
 out["rss_peak"] = rss()
 out["rss_growth"] = out["rss_peak"] - before
@@ -53,7 +60,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per resolution")
     parser.add_argument("--write", action="store_true", help="also time write_subject")
+    parser.add_argument("--slab", type=int, default=None, help="central axial slices only")
+    parser.add_argument("--shells", type=float, nargs="+", default=[1000.0], help="b-values")
+    parser.add_argument("--randomize", action="store_true", help="domain-randomised subjects")
     args = parser.parse_args()
+    options = json.dumps({"slab": args.slab, "shells": args.shells, "randomize": args.randomize})
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -63,7 +74,7 @@ def main() -> int:
     for resolution in args.resolutions:
         for _ in range(args.repeats):
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, str(resolution), str(args.seed), "1" if args.write else "0"],
+                [sys.executable, "-c", CHILD, str(resolution), str(args.seed), "1" if args.write else "0", options],
                 capture_output=True,
                 text=True,
                 check=False,
