@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from qid2_diffusers import QID2Pipeline, build_pipeline
 from qid2_diffusers.directions import complement, uniform_directions, uniform_subset
 from qid2_diffusers.hub import compile_unet
-from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
+from qid2_diffusers.image_processor import QID2ImageProcessor
 from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler
 from qid2_diffusers.upsampling import QID2Upsampler, brain_bounding_box, brain_slices
 
@@ -85,7 +85,7 @@ def main():
     crop = (bx.stop - bx.start, by.stop - by.start)
     with torch.inference_mode():
         x = torch.zeros(1, 1 + args.R, *crop, device=device, dtype=dtype)
-        x, _ = pad_to_multiple(x, 4)
+        x, _ = QID2ImageProcessor(4).pad(x)
         tokens = pipe.direction_encoder(torch.ones(1, 3, device=device), torch.ones(1, args.R, 3, device=device)).to(dtype)
         with FlopCounterMode(display=False) as counter:
             pipe.unet(x, torch.tensor([500], device=device), encoder_hidden_states=tokens)

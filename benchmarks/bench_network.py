@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from qid2_diffusers import build_pipeline
-from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
+from qid2_diffusers.image_processor import QID2ImageProcessor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,7 +27,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def one_pass(pipe, batch, size, device, dtype, channels_last=False):
     r = pipe.num_references
     x = torch.randn(batch, 1 + r, *size, device=device, dtype=dtype)
-    x, _ = pad_to_multiple(x, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    x, _ = QID2ImageProcessor.for_unet(pipe.unet).pad(x)
     if channels_last:  # as the pipeline feeds the network
         x = x.contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500, device=device)

@@ -9,13 +9,13 @@ from qid2_diffusers.models.direction_encoder import direction_features
 @pytest.mark.parametrize("R", [3, 6])
 @pytest.mark.parametrize("size", [(145, 174), (13, 18), (6, 8)])
 def test_unet_forward_shapes(R, size):
-    from qid2_diffusers.pipelines.pipeline_qid2 import pad_to_multiple
+    from qid2_diffusers.image_processor import QID2ImageProcessor
 
     torch.manual_seed(0)
     unet = build_unet("tiny", R)
     enc = DirectionEncoder(num_references=R, embed_dim=unet.config.cross_attention_dim)
     x = torch.randn(2, 1 + R, *size)
-    xp, orig = pad_to_multiple(x, 4)
+    xp, orig = QID2ImageProcessor(4).pad(x)
     assert orig == size and xp.shape[-2] % 4 == 0 and xp.shape[-1] % 4 == 0 and min(xp.shape[-2:]) >= 16
     tokens = enc(torch.randn(2, 3), torch.randn(2, R, 3))
     assert tokens.shape == (2, R + 1, unet.config.cross_attention_dim)

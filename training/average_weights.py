@@ -46,9 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--validation_data_dir", help="held-out subjects to score the average on (HCP or BIDS root)")
     p.add_argument("--cache_dir", help="slice caches of the validation subjects (default: OUTPUT_DIR/cache)")
     p.add_argument("--validation_num_slices", type=int, default=2)
-    p.add_argument("--shell", type=float, default=1000.0)
-    p.add_argument("--n_acquired", type=int, default=30)
+    p.add_argument("--shells", default="1000", help="shells to validate on, e.g. 1000,2000 (default 1000)")
+    p.add_argument("--n_acquired", type=int, default=30, help="directions kept in validation (default 30)")
     args = p.parse_args(argv)
+    args.shells = [float(b) for b in args.shells.split(",")]
+    args.validation_n_acquired = args.n_acquired
     if len(args.inputs) < 2:
         p.error("--inputs needs at least two pipelines to average")
     return args

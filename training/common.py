@@ -75,8 +75,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="Root of held-out subjects; without it the last --num_validation_subjects of --data_dir are held out.")
     g.add_argument("--num_validation_subjects", type=int, default=1)
     g.add_argument("--cache_dir", type=str, default=None, help="Preprocessed slice caches; defaults to OUTPUT_DIR/cache.")
-    g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to learn.")
-    g.add_argument("--n_acquired", type=int, default=30, help="Directions of the shell kept as acquired; the rest are targets.")
+    g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to learn (see --shells).")
+    g.add_argument("--shells", type=_numbers(float), default=None,
+                   help="Several shells to learn, e.g. 1000,2000,3000 (with --bval_conditioning); overrides --shell.")
+    g.add_argument("--n_acquired", type=_numbers(int), default=[30],
+                   help="Directions of the shell kept as acquired, the rest being targets; several values "
+                        "(e.g. 10,15,20,30,45) train on each, so the model meets sparse and dense acquisitions.")
+    g.add_argument("--validation_n_acquired", type=int, default=None,
+                   help="Directions kept in validation; default: the first of --n_acquired.")
     g.add_argument("--R", type=int, default=3, help="Reference slices per target.")
     g.add_argument("--augment", dest="augment", action="store_true", default=True,
                    help="Random in-plane rotation (±15°) and scaling (0.9-1.1), b-vectors rotated along.")
@@ -141,6 +147,23 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _numbers(kind):
+    """An argparse type for one number or a comma-separated list of them."""
+
+    def parse(text):
+        try:
+            return [kind(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse ``argv`` over the defaults of ``--config`` (a YAML file of argument names).
 
@@ -161,6 +184,13 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if args.gradient_accumulation_steps < 1 or args.train_batch_size < 1:
         parser.error("--train_batch_size and --gradient_accumulation_steps must be >= 1")
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
+    # One number or a list, from the command line or YAML alike.
+    args.shells = [float(b) for b in _as_list(args.shells if args.shells is not None else args.shell)]
+    args.n_acquired = [int(n) for n in _as_list(args.n_acquired)]
+    if args.validation_n_acquired is None:
+        args.validation_n_acquired = args.n_acquired[0]
+    if len(args.shells) > 1 and not getattr(args, "bval_conditioning", True):
+        parser.error("several --shells need --bval_conditioning: the model must know which shell it is up-sampling")
     return args
 
 
@@ -305,11 +335,13 @@ def load_training_data(args, accelerator) -> TrainingData:
     train_subjects, validation_subjects = split_subjects(args)
     with accelerator.main_process_first():
         # Threads: decompressing NIfTI releases the GIL, and a cohort is cached in a fraction of the time.
-        with ThreadPoolExecutor(max_workers=min(len(train_subjects), os.cpu_count() or 1, 8)) as pool:
+        jobs = [(s, b, n) for s in train_subjects for b in args.shells for n in args.n_acquired]
+        prior = getattr(args, "physics_prior", False)
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 8)) as pool:
             caches = list(pool.map(
-                lambda s: build_cache(s, args.cache_dir, shell=args.shell, n_acquired=args.n_acquired), train_subjects
+                lambda job: build_cache(job[0], args.cache_dir, shell=job[1], n_acquired=job[2], prior=prior), jobs
             ))
-    dataset = QID2Dataset(caches, num_references=args.R, augment=args.augment, seed=args.seed)
+    dataset = QID2Dataset(caches, num_references=args.R, augment=args.augment, seed=args.seed, physics_prior=prior)
     per_step = args.train_batch_size * accelerator.num_processes
     if len(dataset) < per_step:
         raise QID2InputError(
@@ -381,13 +413,14 @@ def step_generator(seed: int, epoch: int, batch_index: int, process_index: int) 
 
 
 def random_crops(batch: dict, size: int | None, generator: torch.Generator) -> dict:
-    """Per-sample ``size x size`` crops of target, references and mask, each centred
-    (as far as the slice allows) on a brain pixel drawn with ``generator``."""
+    """Per-sample ``size x size`` crops of every image of the batch (target, references,
+    mask, and prior and b0 when present), each centred (as far as the slice
+    allows) on a brain pixel drawn with ``generator``."""
     h, w = batch["target"].shape[-2:]
     if size is None or (size >= h and size >= w):
         return batch
     ch, cw = min(size, h), min(size, w)
-    crops = {k: [] for k in ("target", "references", "mask")}
+    crops = {k: [] for k in ("target", "references", "mask", "prior", "b0") if k in batch}
     for i, m in enumerate(batch["mask"][:, 0]):
         brain = torch.nonzero(m > 0).cpu()
         y, x = brain[int(torch.randint(len(brain), (1,), generator=generator))].tolist() if len(brain) else (h // 2, w // 2)
@@ -593,22 +626,23 @@ class Validator:
 
     Args:
         subjects (`list` of `SubjectPaths`): held-out subjects.
-        args: the parsed arguments (``cache_dir``, ``shell``, ``n_acquired``, ``R``, ``validation_num_slices``).
+        args: the parsed arguments (``cache_dir``, ``shells``, ``validation_n_acquired``, ``R``,
+            ``validation_num_slices``); every shell of every subject is scored.
         figure_targets (`int`, *optional*, defaults to 4): target rows in the figure.
     """
 
     def __init__(self, subjects, args, *, figure_targets: int = 4):
         self.num_references = args.R
         self.figure_targets = figure_targets
-        self.items = [self._prepare(s, args) for s in subjects]
+        self.items = [self._prepare(s, shell, args) for s in subjects for shell in args.shells]
         self.baselines = {
             "interp": self.run(InterpUpsampler(args.R))[0],
             "dti": self.run(DTIUpsampler())[0],
         }
 
     @staticmethod
-    def _prepare(subject, args) -> dict:
-        cache = build_cache(subject, args.cache_dir, shell=args.shell, n_acquired=args.n_acquired)
+    def _prepare(subject, shell, args) -> dict:
+        cache = build_cache(subject, args.cache_dir, shell=shell, n_acquired=args.validation_n_acquired)
         meta = json.loads((cache / "meta.json").read_text())
         mask = np.moveaxis(np.load(cache / "mask.npy"), 0, 2).astype(bool)
         brain = np.asarray(meta["brain_slices"])
@@ -731,10 +765,11 @@ def run_fields(args, accelerator, data: TrainingData, state: RunState, schedule:
     if validator is not None and state.validation:
         rows = {model_label: state.validation}
         rows.update({method_label(k, args.R): v for k, v in validator.baselines.items()})
-        slices = "; ".join(f"{it['subject_id']}: axial slices {it['slices']}" for it in validator.items)
+        slices = "; ".join(sorted({f"{it['subject_id']}: axial slices {it['slices']}" for it in validator.items}))
+        shells = ", ".join(f"{b:g}" for b in args.shells)
         description = (
-            f"Held-out subject(s), {slices}. Each slice's {args.n_acquired} acquired directions are the input and the "
-            "other directions of the shell the targets. Image SSIM (per slice, inside the brain mask), PSNR and NRMSE "
+            f"Held-out subject(s), {slices}; b = {shells} s/mm². Each slice's {args.validation_n_acquired} acquired "
+            "directions of a shell are the input and the other directions of the shell the targets. Image SSIM (per slice, inside the brain mask), PSNR and NRMSE "
             "compare the predicted with the acquired target volumes; FA MAE, FA-map SSIM, MD MAE (mm²/s) and "
             "principal-direction error (degrees, where FA > 0.2) compare a tensor fit on b0 + acquired + predicted with "
             f"one on the full acquisition (`qid2_diffusers.evaluation.SubjectEvaluation`). Step {state.validation['step']}, "
@@ -770,8 +805,8 @@ def run_fields(args, accelerator, data: TrainingData, state: RunState, schedule:
         "stop_reason": stop_reason,
         "wall_time": format_duration(state.elapsed_seconds),
         "save_dtype": "float16" if args.save_dtype == "fp16" else "float32",
-        "shell": f"{args.shell:g}",
-        "n_acquired": args.n_acquired,
+        "shell": ", ".join(f"{b:g}" for b in args.shells),
+        "n_acquired": ", ".join(str(n) for n in args.n_acquired),
         "num_references": args.R,
         "validation_description": description,
         "validation_table": table,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from qid2_diffusers.models import PRESETS  # noqa: E402
 from qid2_diffusers.models.gan import CGANGenerator, GANUpsampler, PatchDiscriminator, QGANGenerator  # noqa: E402
-from qid2_diffusers.pipelines.pipeline_qid2 import _crop, pad_to_multiple  # noqa: E402
+from qid2_diffusers.image_processor import QID2ImageProcessor  # noqa: E402
 
 #: The paper's learning rates (§2.4) when none is given.
 DEFAULT_LEARNING_RATES = {"cgan": 2.5e-5, "qgan": 5e-5}
@@ -87,7 +87,7 @@ def main(args) -> int:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     generator, discriminator = build_models(args.model, args.preset, args.R, args.seed)
-    multiple = generator.size_multiple
+    processor = QID2ImageProcessor(generator.size_multiple)
     ema = common.make_ema(generator.parameters(), args) if args.use_ema else None
 
     dataloader = accelerator.prepare(data.dataloader)
@@ -148,10 +148,10 @@ def main(args) -> int:
             break
         generator_rng = common.step_generator(args.seed, epoch, batch_index, accelerator.process_index)
         batch = common.random_crops(batch, args.crop_size, generator_rng)
-        x, size = pad_to_multiple(torch.cat([batch["target"], batch["references"]], dim=1), multiple)
-        target, references = _crop(x[:, :1], x, size), _crop(x[:, 1:], x, size)
+        x, size = processor.pad(torch.cat([batch["target"], batch["references"]], dim=1))
+        target, references = processor.crop(x[:, :1], size), processor.crop(x[:, 1:], size)
         tb, rb = batch["target_bvec"], batch["reference_bvecs"]
-        fake = _crop(generator(x[:, 1:], tb, rb), x, size)
+        fake = processor.crop(generator(x[:, 1:], tb, rb), size)
 
         if global_step % args.discriminator_update_interval == 0:
             # Real and fake in one call: one forward and one backward per update under DDP.

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from qid2_diffusers import QID2Pipeline, build_pipeline  # noqa: E402
-from qid2_diffusers.pipelines.pipeline_qid2 import _crop, pad_to_multiple  # noqa: E402
+from qid2_diffusers.image_processor import QID2ImageProcessor  # noqa: E402
 from qid2_diffusers.errors import QID2InputError  # noqa: E402
 from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler, training_scheduler  # noqa: E402
 from qid2_diffusers.upsampling import QID2Upsampler  # noqa: E402
@@ -59,6 +59,14 @@ def parse_args(argv=None):
                    help="Sampler used for validation and saved with the pipeline.")
     g.add_argument("--validation_num_inference_steps", type=int, default=20,
                    help="Sampling steps for validation; also the saved pipeline's default.")
+    g.add_argument("--physics_prior", action="store_true",
+                   help="Condition on the tensor-fit prediction of the target from the kept directions and the mean "
+                        "b0, and learn the residual target - prior (off: the paper's configuration).")
+    g.add_argument("--bval_conditioning", action="store_true",
+                   help="Direction tokens carry b, so one model serves every shell in --shells.")
+    g.add_argument("--timestep_bias_portion", type=float, default=0.0,
+                   help="Fraction of training timesteps drawn from the noisiest quarter of the schedule, where "
+                        "few-step samplers start (0: uniform, as in the paper).")
     args = common.parse_args(parser, argv)
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATE
@@ -73,18 +81,37 @@ class QID2Denoiser(nn.Module):
         self.unet = unet
         self.direction_encoder = direction_encoder
 
-    def forward(self, noisy, references, timesteps, target_bvecs, reference_bvecs):
-        tokens = self.direction_encoder(target_bvecs, reference_bvecs).to(noisy.dtype)
-        return self.unet(torch.cat([noisy, references], dim=1), timesteps, encoder_hidden_states=tokens).sample
+    def forward(self, noisy, conditions, timesteps, target_bvecs, reference_bvecs, target_bvals=None, reference_bvals=None):
+        tokens = self.direction_encoder(target_bvecs, reference_bvecs, target_bvals, reference_bvals).to(noisy.dtype)
+        return self.unet(torch.cat([noisy, conditions], dim=1), timesteps, encoder_hidden_states=tokens).sample
 
 
-def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, masked: bool = True) -> torch.Tensor:
+def sample_timesteps(scheduler, n: int, generator: torch.Generator, bias_portion: float = 0.0) -> torch.Tensor:
+    """Uniform training timesteps, a ``bias_portion`` of them from the noisiest quarter.
+
+    A one-step sampler only ever evaluates the network at the last timestep,
+    so part of the budget goes where it is used; the rest keeps every noise
+    level trained, so multi-step sampling still works.
+    """
+    total = scheduler.config.num_train_timesteps
+    t = torch.randint(0, total, (n,), generator=generator)
+    if bias_portion > 0:
+        late = torch.randint(total - total // 4, total, (n,), generator=generator)
+        pick = torch.rand(n, generator=generator) < bias_portion
+        t = torch.where(pick, late, t)
+    return t
+
+
+def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, masked: bool = True,
+                   timestep_bias_portion: float = 0.0) -> torch.Tensor:
     """MSE between the denoiser's output and its target for the scheduler's prediction type.
 
-    Target and references are padded together with the pipeline's
-    :func:`pad_to_multiple`, and the noise is drawn at the padded size, as
-    at sampling time; the error is taken on the unpadded slice, inside the
-    brain mask when ``masked``.
+    Target and conditions are padded together with the pipeline's
+    :class:`~qid2_diffusers.image_processor.QID2ImageProcessor`, and the noise
+    is drawn at the padded size, as at sampling time; the error is taken on
+    the unpadded slice, inside the brain mask when ``masked``. With a physics
+    prior in the batch (``prior``, ``b0``) the clean sample is the residual
+    target - prior, as the pipeline adds the prior back after sampling.
 
     Args:
         denoiser (`QID2Denoiser`): possibly wrapped by Accelerate.
@@ -92,16 +119,23 @@ def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, ma
         batch (`dict`): a :class:`~qid2_diffusers.data.dataset.QID2Dataset` batch.
         generator (`torch.Generator`): CPU generator for the noise and timesteps.
         masked (`bool`, *optional*, defaults to `True`): restrict the mean to the brain mask.
+        timestep_bias_portion (`float`, *optional*, defaults to 0): see :func:`sample_timesteps`.
     """
     unet = getattr(denoiser, "module", denoiser).unet
-    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
-    x, size = pad_to_multiple(torch.cat([batch["target"], batch["references"]], dim=1), multiple)
-    clean, references = x[:, :1], x[:, 1:]
+    processor = QID2ImageProcessor.for_unet(unet)
+    parts = [batch["target"], batch["references"]]
+    if "prior" in batch:
+        parts += [batch["prior"], batch["b0"]]
+    x, size = processor.pad(torch.cat(parts, dim=1))
+    clean, conditions = x[:, :1], x[:, 1:]
+    if "prior" in batch:
+        r = batch["references"].shape[1]
+        clean = clean - conditions[:, r : r + 1]
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
-    timesteps = timesteps.to(clean.device)
+    timesteps = sample_timesteps(scheduler, clean.shape[0], generator, timestep_bias_portion).to(clean.device)
     noisy = scheduler.add_noise(clean, noise, timesteps)
-    pred = denoiser(noisy, references, timesteps, batch["target_bvec"], batch["reference_bvecs"])
+    bvals = {k: batch[k] for k in ("target_bvals", "reference_bvals") if k in batch}
+    pred = denoiser(noisy, conditions, timesteps, batch["target_bvec"], batch["reference_bvecs"], **bvals)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         goal = noise
@@ -109,7 +143,7 @@ def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, ma
         goal = scheduler.get_velocity(clean, noise, timesteps)
     else:
         goal = clean
-    err = (_crop(pred.float(), x, size) - _crop(goal.float(), x, size)) ** 2
+    err = (processor.crop(pred.float(), size) - processor.crop(goal.float(), size)) ** 2
     return common.masked_mean(err, batch["mask"] if masked else None)
 
 
@@ -120,6 +154,7 @@ def make_pipeline(denoiser, training_scheduler, args) -> QID2Pipeline:
         direction_encoder=denoiser.direction_encoder,
         scheduler=make_scheduler(args.inference_scheduler, training_scheduler.config),
         default_num_inference_steps=args.validation_num_inference_steps,
+        physics_prior=args.physics_prior,
     )
 
 
@@ -137,6 +172,10 @@ def main(args) -> int:
         pipe = QID2Pipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=torch.float32)
         if pipe.num_references != args.R:
             raise QID2InputError(args.pretrained_model_name_or_path, f"was trained for R = {pipe.num_references}, not --R {args.R}")
+        for flag in ("physics_prior", "bval_conditioning"):
+            if getattr(pipe, flag) != getattr(args, flag):
+                raise QID2InputError(args.pretrained_model_name_or_path,
+                                     f"has {flag} = {getattr(pipe, flag)}; pass --{flag} accordingly")
         if pipe.scheduler.config.prediction_type != args.prediction_type:
             raise QID2InputError(
                 args.pretrained_model_name_or_path,
@@ -144,7 +183,8 @@ def main(args) -> int:
             )
         pipe.scheduler = training_scheduler(args.prediction_type)
     else:
-        pipe = build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed)
+        pipe = build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed,
+                              physics_prior=args.physics_prior, bval_conditioning=args.bval_conditioning)
     noise_scheduler = pipe.scheduler
     denoiser = QID2Denoiser(pipe.unet, pipe.direction_encoder)
     denoiser.train()
@@ -209,7 +249,8 @@ def main(args) -> int:
         with accelerator.accumulate(denoiser):
             generator = common.step_generator(args.seed, epoch, batch_index, accelerator.process_index)
             batch = common.random_crops(batch, args.crop_size, generator)
-            loss = diffusion_loss(denoiser, noise_scheduler, batch, generator, masked=not args.unmasked_loss)
+            loss = diffusion_loss(denoiser, noise_scheduler, batch, generator, masked=not args.unmasked_loss,
+                                  timestep_bias_portion=args.timestep_bias_portion)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)

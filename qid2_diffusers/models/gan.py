@@ -27,8 +27,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..normalization import denormalize, normalize, reference_scale
-from ..pipelines.pipeline_qid2 import _crop, pad_to_multiple
+from ..image_processor import QID2ImageProcessor
 from ..upsampling import SliceUpsampler
 from .direction_encoder import DirectionEncoder
 from .unet import PRESETS, build_unet
@@ -66,7 +65,7 @@ class CGANGenerator(ModelMixin, ConfigMixin):
 
     @property
     def size_multiple(self) -> int:
-        """Inputs must be padded to a multiple of this (see :func:`pad_to_multiple`)."""
+        """Inputs must be padded to a multiple of this (see :class:`~qid2_diffusers.image_processor.QID2ImageProcessor`)."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def forward(self, reference_images, target_bvecs, reference_bvecs):
@@ -296,14 +295,13 @@ class GANUpsampler(SliceUpsampler):
         return int(self.generator.config.num_references)
 
     @torch.inference_mode()
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys):
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, **conditions):
+        # The paper's GANs see the references and directions only.
         device, dtype = self.generator.device, self.generator.dtype
         refs = torch.as_tensor(np.asarray(reference_images, dtype=np.float32), device=device)
-        scale = reference_scale(refs)
-        x, size = pad_to_multiple(normalize(refs, scale), self.generator.size_multiple)
+        processor = QID2ImageProcessor(self.generator.size_multiple)
+        x, scale, size = processor.preprocess(refs)
         rb = torch.as_tensor(np.asarray(reference_bvecs, dtype=np.float32), device=device)
         tb = torch.as_tensor(np.asarray(target_bvecs, dtype=np.float32), device=device)
         y = self.generator(x.to(dtype), tb, rb).float()
-        y = denormalize(_crop(y, x, size), scale)[:, 0]
-        # Diffusion-weighted signal is a magnitude: never below zero.
-        return y.clamp_min(0.0).cpu().numpy(), None
+        return processor.postprocess(y, scale, size)[:, 0].cpu().numpy(), None
