@@ -3,7 +3,7 @@
     python benchmarks/bench_training.py                                  # small, R=3, batch 32, 2.5 mm (72x87), CPU
     python benchmarks/bench_training.py --device cuda --mixed_precision bf16 --steps 50 --workers 4
 
-Runs the training script's own loss (``training/train_qid2.py: diffusion_loss``)
+Runs the trainer's own loss (``qid2_diffusers.training.qid2.diffusion_loss``)
 on batches from a :class:`~qid2_diffusers.data.dataset.QID2Dataset` cache of a
 2.5 mm phantom slab, with AdamW, and prints steps/s, samples/s and the share of
 time spent waiting for data. The first ``--warmup`` steps are not timed.
@@ -15,21 +15,17 @@ import argparse
 import contextlib
 import json
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-import common  # noqa: E402
-import train_qid2  # noqa: E402
-from qid2_diffusers import build_pipeline  # noqa: E402
-from qid2_diffusers.data.dataset import QID2Dataset, build_cache  # noqa: E402
-from qid2_diffusers.data.phantom import make_subject  # noqa: E402
+from qid2_diffusers import build_pipeline
+from qid2_diffusers.data.dataset import QID2Dataset, build_cache
+from qid2_diffusers.data.phantom import make_subject
+from qid2_diffusers.training.data import EpochSampler, random_crops
+from qid2_diffusers.training.qid2 import QID2Denoiser, diffusion_loss
 
 
 def main():
@@ -44,7 +40,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--crop_size", type=int, default=None, help="train on random crops (training scripts' --crop_size)")
+    ap.add_argument("--crop_size", type=int, default=None, help="train on random crops (the trainers' --crop_size)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -58,10 +54,10 @@ def main():
         dwi = DWI(data=subject.dwi, bvals=subject.bvals, bvecs=subject.bvecs, affine=subject.affine, mask=subject.mask)
         cache = build_cache(dwi, tmp, subject_id="bench")
         dataset = QID2Dataset([cache], num_references=args.R, augment=True, seed=0)
-        loader = DataLoader(dataset, batch_size=args.batch, sampler=common.EpochSampler(len(dataset), 0),
+        loader = DataLoader(dataset, batch_size=args.batch, sampler=EpochSampler(len(dataset), 0),
                             num_workers=args.workers, drop_last=True)
         pipe = build_pipeline(args.preset, args.R, args.prediction_type, seed=0)
-        model = train_qid2.QID2Denoiser(pipe.unet, pipe.direction_encoder).to(device).train()
+        model = QID2Denoiser(pipe.unet, pipe.direction_encoder).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.5, 0.999))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -83,9 +79,9 @@ def main():
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             t1 = time.perf_counter()
             generator = torch.Generator().manual_seed(step)
-            batch = common.random_crops(batch, args.crop_size, generator)
+            batch = random_crops(batch, args.crop_size, generator)
             with autocast:
-                loss = train_qid2.diffusion_loss(model, pipe.scheduler, batch, generator)
+                loss = diffusion_loss(model, pipe.scheduler, batch, generator)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""qid2_diffusers.models.gan and training/train_gan.py: the cGAN and qGAN baselines."""
+"""qid2_diffusers.models.gan and qid2_diffusers.training.gan: the cGAN and qGAN baselines."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import qid2_diffusers
 from qid2_diffusers.directions import uniform_directions
 from qid2_diffusers.models.gan import (
     CGANGenerator,
@@ -18,11 +19,11 @@ from qid2_diffusers.models.gan import (
     QGANGenerator,
     load_generator,
 )
+from qid2_diffusers.training.gan import GANTrainer
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
+# PYTHONPATH: `python -m` in a subprocess imports the package these tests import.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": str(Path(qid2_diffusers.__file__).resolve().parents[1])}
 
 
 def _inputs(b=2, r=3, h=20, w=24, seed=0):
@@ -107,7 +108,7 @@ def test_gan_upsampler_masks_and_follows_the_reference_scale():
 def test_train_gan_updates_discriminator_once_per_two_generator_steps(training_cohort, tmp_path):
     out = tmp_path / "qgan"
     run = subprocess.run(
-        [sys.executable, str(REPO / "training" / "train_gan.py"), "--model", "qgan", "--config", "tiny",
+        [sys.executable, "-m", "qid2_diffusers.training.gan", "--model", "qgan", "--config", "tiny",
          "--data_dir", str(training_cohort), "--output_dir", str(out), "--max_train_steps", "6", "--checkpointing_steps", "6"],
         env=ENV, capture_output=True, text=True, timeout=300,
     )
@@ -127,3 +128,15 @@ def test_train_gan_updates_discriminator_once_per_two_generator_steps(training_c
     assert PatchDiscriminator.from_pretrained(out / "discriminator").config.direction_conditioning == "projection"
     card = (out / "README.md").read_text()
     assert "qGAN" in card and "λ_V = 100" in card and "--model qgan" in card
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "python -m qid2_diffusers.training.gan --model qgan" in card
+    assert "| qgan (this model) |" in card and "| Interp (R=3) |" in card
+
+
+def test_gan_arguments_from_python_take_the_papers_learning_rates_and_need_a_model(tmp_path):
+    args = GANTrainer.training_args(output_dir=tmp_path, config="tiny", model="cgan")
+    assert (args.learning_rate, args.preset, args.lambda_l1, args.discriminator_update_interval) == (2.5e-5, "tiny", 100.0, 2)
+    assert GANTrainer.training_args(output_dir=tmp_path, model="qgan", learning_rate=1e-3).learning_rate == 1e-3
+    with pytest.raises(ValueError, match="--model must be one of cgan, qgan"):
+        GANTrainer.training_args(output_dir=tmp_path)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
+        GANTrainer.training_args(output_dir=tmp_path, model="qgan", gradient_accumulation_steps=2)

@@ -8,6 +8,8 @@ from safetensors import safe_open
 
 from qid2_diffusers import QID2Pipeline
 from qid2_diffusers.pretrained import default_model_path, shipped_models
+from qid2_diffusers.training.qid2 import QID2Trainer
+from qid2_diffusers.training.reporting import render_model_card, template_fields
 
 
 def test_shipped_model_is_small_fp16_safetensors_with_a_card():
@@ -42,3 +44,18 @@ def test_shipped_model_loads_offline_and_samples_in_input_units(monkeypatch):
     out = pipe(refs, dirs, [1.0, 0.0, 0.0], num_inference_steps=10, generator=torch.manual_seed(0))
     assert out.images.shape == (1, 12, 12)
     assert 200 < np.median(out.images) < 600
+
+
+def test_shipped_card_has_the_trainers_metadata_and_every_section_of_its_template():
+    from huggingface_hub import ModelCard
+
+    shipped = ModelCard((default_model_path(3) / "README.md").read_text())
+    fields = {name: f"<{name}>" for name in template_fields(QID2Trainer.model_card_template)}
+    rendered = render_model_card(fields, QID2Trainer.model_card_template, tags=QID2Trainer.card_tags)
+    assert shipped.data.to_dict() == rendered.data.to_dict()
+    assert rendered.data.library_name == "diffusers" and "dwi" in rendered.data.tags
+
+    def sections(card):
+        return [line for line in card.text.splitlines() if line.startswith("## ")]
+
+    assert sections(rendered) and set(sections(rendered)) <= set(sections(shipped))

@@ -1,4 +1,5 @@
-"""training/train_qid2.py and training/common.py: loss, configs, resume after a kill, two processes."""
+"""qid2_diffusers.training and training/train_qid2.py: loss, configs, the Trainer's hooks, resume after a kill,
+two processes, the model card, average_weights."""
 
 import json
 import os
@@ -14,17 +15,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import qid2_diffusers
+from qid2_diffusers.training import average_weights
+from qid2_diffusers.training.checkpoints import checkpoints
+from qid2_diffusers.training.config import CONFIG_DIR
+from qid2_diffusers.training.data import EpochSampler, random_crops, step_generator
+from qid2_diffusers.training.qid2 import QID2Denoiser, QID2Trainer, diffusion_loss
+from qid2_diffusers.training.reporting import MODEL_CARD_TEMPLATE, metrics_table, render_model_card, template_fields
+from qid2_diffusers.training.trainer import Trainer, masked_mean
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = REPO / "training"
-sys.path.insert(0, str(TRAINING))
-
-import common  # noqa: E402
-import train_qid2  # noqa: E402
 
 # One thread per process: two training processes on two cores must not oversubscribe them.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
+# PYTHONPATH: the entry scripts import the same package as these tests, from any folder.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": str(Path(qid2_diffusers.__file__).resolve().parents[1])}
 
 
 def _batch(b=4, r=3, h=16, w=16, seed=0):
@@ -61,7 +67,7 @@ def test_masked_loss_ignores_background_and_unmasked_does_not():
     changed = {**batch, "target": torch.where(batch["mask"].bool(), batch["target"], batch["target"] * 50 + 7)}
 
     def loss(b, masked):
-        return train_qid2.diffusion_loss(_ConstantDenoiser(), scheduler, b, torch.Generator().manual_seed(1), masked=masked)
+        return diffusion_loss(_ConstantDenoiser(), scheduler, b, torch.Generator().manual_seed(1), masked=masked)
 
     expected = (batch["target"] ** 2)[batch["mask"].bool()].mean()
     assert torch.allclose(loss(batch, True), expected)
@@ -74,12 +80,12 @@ def test_loss_decreases_on_a_fixed_batch(prediction_type):
     from qid2_diffusers import build_pipeline
 
     pipe = build_pipeline("tiny", 3, prediction_type, seed=0)
-    model = train_qid2.QID2Denoiser(pipe.unet, pipe.direction_encoder)
+    model = QID2Denoiser(pipe.unet, pipe.direction_encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = _batch(h=12, w=14)
     losses = []
     for _ in range(30):
-        loss = train_qid2.diffusion_loss(model, pipe.scheduler, batch, torch.Generator().manual_seed(0))
+        loss = diffusion_loss(model, pipe.scheduler, batch, torch.Generator().manual_seed(0))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -88,24 +94,24 @@ def test_loss_decreases_on_a_fixed_batch(prediction_type):
 
 
 def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
-    a, b = common.EpochSampler(50, seed=3), common.EpochSampler(50, seed=3)
+    a, b = EpochSampler(50, seed=3), EpochSampler(50, seed=3)
     a.set_epoch(2)
     b.set_epoch(2)
     assert list(a) == list(b) and sorted(a) == list(range(50))
     b.set_epoch(3)
     assert list(a) != list(b)
-    g1 = common.step_generator(0, 1, 5, 0)
-    g2 = common.step_generator(0, 1, 5, 0)
+    g1 = step_generator(0, 1, 5, 0)
+    g2 = step_generator(0, 1, 5, 0)
     assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
-    assert not torch.equal(torch.randn(4, generator=common.step_generator(0, 1, 5, 1)), torch.randn(4, generator=g2))
+    assert not torch.equal(torch.randn(4, generator=step_generator(0, 1, 5, 1)), torch.randn(4, generator=g2))
 
 
 def test_random_crops_are_reproducible_and_hold_brain():
     batch = _batch(b=6, h=30, w=26)
     batch["mask"][:] = 0
     batch["mask"][:, :, 20:24, 2:5] = 1  # brain only in one corner
-    a = common.random_crops(batch, 8, torch.Generator().manual_seed(4))
-    b = common.random_crops(batch, 8, torch.Generator().manual_seed(4))
+    a = random_crops(batch, 8, torch.Generator().manual_seed(4))
+    b = random_crops(batch, 8, torch.Generator().manual_seed(4))
     assert a["target"].shape == (6, 1, 8, 8) and a["references"].shape == (6, 3, 8, 8) and a["mask"].shape == (6, 1, 8, 8)
     assert all(torch.equal(a[k], b[k]) for k in ("target", "references", "mask"))
     assert torch.equal(a["target_bvec"], batch["target_bvec"])
@@ -113,28 +119,131 @@ def test_random_crops_are_reproducible_and_hold_brain():
     # Each crop is a window of its own sample.
     windows = batch["target"][0, 0].unfold(0, 8, 1).unfold(1, 8, 1).reshape(-1, 8, 8)
     assert any(torch.equal(w, a["target"][0, 0]) for w in windows)
-    assert common.random_crops(batch, None, torch.Generator()) is batch
+    assert random_crops(batch, None, torch.Generator()) is batch
+
+
+class _Slices(torch.utils.data.Dataset):
+    """24 in-memory samples in QID2Dataset's format; ``set_epoch`` records the epochs asked for (several times each)."""
+
+    def __init__(self):
+        self.batch = _batch(b=24, h=12, w=12, seed=5)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+class _LinearTrainer(Trainer):
+    """A 1x1 convolution from the references to the target: the smallest model the hooks can train."""
+
+    crash_at = None
+
+    @classmethod
+    def complete_args(cls, args, error):
+        args = super().complete_args(args, error)
+        args.learning_rate = args.learning_rate or 0.05
+        return args
+
+    def build_models(self):
+        torch.manual_seed(0)
+        return {"linear": torch.nn.Conv2d(3, 1, 1)}
+
+    def training_step(self, batch, generator):
+        if self.state.global_step == self.crash_at:
+            raise KeyboardInterrupt("killed")
+        noisy = batch["references"] + 0.1 * torch.randn(batch["references"].shape, generator=generator)
+        error = (self.models["linear"](noisy) - batch["target"]) ** 2
+        return {"loss": masked_mean(error, batch["mask"]), "unmasked": error.mean()}
+
+    def save(self, output_dir):
+        from safetensors.torch import save_file
+
+        from qid2_diffusers.data.io import atomic_write
+
+        atomic_write(Path(output_dir) / "linear.safetensors", lambda tmp: save_file(self.model.state_dict(), str(tmp)))
+
+
+def test_trainer_hooks_train_checkpoint_and_resume_an_in_memory_model_to_the_same_weights(tmp_path):
+    def trainer(out, **settings):
+        # The shipped tiny config supplies batch size, step budget and trackers; settings override it.
+        args = _LinearTrainer.training_args(output_dir=out, config="tiny", checkpointing_steps=3, crop_size=8, use_ema=True,
+                                            ema_max_decay=0.9, dataloader_num_workers=0, **settings)
+        return _LinearTrainer(args, train_dataset=_Slices())
+
+    whole = trainer(tmp_path / "whole")
+    assert (whole.args.train_batch_size, whole.args.max_train_steps, whole.args.learning_rate) == (4, 8, 0.05)
+    with pytest.raises(TypeError, match="learning_rat"):
+        _LinearTrainer.training_args(output_dir=tmp_path, learning_rat=1.0)
+    assert whole.train() == 0
+    # 6 steps per epoch: the run crosses into a second epoch, and stops at the tiny config's 8 steps.
+    assert list(dict.fromkeys(whole.train_dataset.epochs)) == [0, 1] and whole.state.global_step == 8
+    assert [p.name for p in checkpoints(tmp_path / "whole")] == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    start = _LinearTrainer.build_models(whole)["linear"].state_dict()
+    final = load_file(str(tmp_path / "whole" / "linear.safetensors"))
+    assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-2
+
+    killed = trainer(tmp_path / "killed")
+    killed.crash_at = 5
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert [p.name for p in checkpoints(tmp_path / "killed")] == ["checkpoint-3"]
+    resumed = trainer(tmp_path / "killed", resume_from_checkpoint="latest")
+    resumed.train()
+    # Resumed in the middle of epoch 0: the three batches already consumed are skipped, not redrawn.
+    assert list(dict.fromkeys(resumed.train_dataset.epochs)) == [0, 1] and resumed.state.global_step == 8
+    again = load_file(str(tmp_path / "killed" / "linear.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    raw = [load_file(str(tmp_path / run / "checkpoint-8" / "model.safetensors")) for run in ("whole", "killed")]
+    assert all(torch.equal(raw[0][k], raw[1][k]) for k in raw[0])
+    summary = json.loads((tmp_path / "killed" / "training_summary.json").read_text())
+    assert summary["global_step"] == 8 and summary["data_description"] == "in-memory dataset"
+    assert summary["command"].startswith("_LinearTrainer.training_args(") and not (tmp_path / "killed" / "README.md").exists()
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
-    args = train_qid2.parse_args(["--preset", "paper", "--data_dir", "d", "--output_dir", "o"])
+    args = QID2Trainer.parse_args(["--preset", "paper", "--data_dir", "d", "--output_dir", "o"])
     assert (args.prediction_type, args.learning_rate, args.unmasked_loss) == ("epsilon", 2.5e-5, True)
     assert (args.adam_beta1, args.adam_beta2) == (0.5, 0.999)
-    args = train_qid2.parse_args(
-        ["--config", str(TRAINING / "configs" / "paper.yaml"), "--learning_rate", "1e-3", "--data_dir", "d", "--output_dir", "o"]
+    args = QID2Trainer.parse_args(
+        ["--config", str(CONFIG_DIR / "paper.yaml"), "--learning_rate", "1e-3", "--data_dir", "d", "--output_dir", "o"]
     )
     assert args.learning_rate == 1e-3 and args.prediction_type == "epsilon" and args.cache_dir == os.path.join("o", "cache")
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
     with pytest.raises(ValueError, match="bad.yaml: unknown setting.*learning_rat"):
-        train_qid2.parse_args(["--config", str(bad), "--data_dir", "d", "--output_dir", "o"])
+        QID2Trainer.parse_args(["--config", str(bad), "--data_dir", "d", "--output_dir", "o"])
 
 
-def test_model_card_template_has_front_matter_and_refuses_missing_fields():
-    template = common.MODEL_CARD_TEMPLATE.read_text()
-    assert template.startswith("---\nlibrary_name: diffusers\nlicense: apache-2.0\n")
+def _card_fields(**given):
+    """Every field the QID² card template names, as ``<name>`` unless given."""
+    return {**{name: f"<{name}>" for name in template_fields(MODEL_CARD_TEMPLATE)}, **given}
+
+
+def test_model_card_renders_command_metadata_and_validation_table_and_refuses_missing_fields():
+    from huggingface_hub import ModelCard
+
+    command = "python training/train_qid2.py --config tiny --data_dir d --output_dir o"
+    table = metrics_table({"this model": {"fa_mae": 0.0123, "ssim": 0.9}, "Interp (R=3)": {"fa_mae": 0.0456}})
+    card = str(render_model_card(_card_fields(command=command, validation_table=table, wall_time="1 min 02 s",
+                                              hardware="CPU (x86_64, 2 cores)"), tags=("dwi", "diffusers")))
+    assert card.startswith("---\nlibrary_name: diffusers\nlicense: apache-2.0\n")
+    assert f"```bash\n{command}\n```" in card
+    assert "| method | ssim | psnr | nrmse | fa_mae |" in card and "| this model | 0.9 | nan | nan | 0.0123 |" in card
+    assert "| Interp (R=3) | nan | nan | nan | 0.0456 |" in card
+    assert "Wall time: 1 min 02 s" in card and "Hardware: CPU (x86_64, 2 cores)" in card
+    # The template's own comment and placeholders are gone; the header parses as Hub metadata.
+    assert "{{" not in card and "{#" not in card and "Jinja2 template" not in card
+    assert ModelCard(card).data.to_dict() == {"library_name": "diffusers", "license": "apache-2.0", "tags": ["dwi", "diffusers"]}
+    fields = _card_fields()
+    del fields["model_name"]
     with pytest.raises(KeyError, match="model_name"):
-        common.fill_template(template, {})
+        render_model_card(fields)
 
 
 def _script(name, *args):
@@ -170,7 +279,7 @@ def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
     proc = subprocess.Popen(_script("train_qid2.py", *_tiny_args(training_cohort, killed, cache, *extra)), env=ENV,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while not common.checkpoints(killed):
+    while not checkpoints(killed):
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -178,7 +287,7 @@ def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model_index.json").exists()
-    first = common.checkpoints(killed)[-1].name
+    first = checkpoints(killed)[-1].name
 
     resumed = subprocess.run(
         _script("train_qid2.py", *_tiny_args(training_cohort, killed, cache, *extra, "--resume_from_checkpoint", "latest")),
@@ -188,7 +297,7 @@ def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
     assert f"resuming from {killed / first}" in resumed.stdout + resumed.stderr
 
     # Raw weights at the end, and the saved (EMA) pipeline weights.
-    assert [p.name for p in common.checkpoints(killed)] == ["checkpoint-22", "checkpoint-24"]
+    assert [p.name for p in checkpoints(killed)] == ["checkpoint-22", "checkpoint-24"]
     assert _max_diff(load_file(str(whole / "checkpoint-24" / "model.safetensors")),
                      load_file(str(killed / "checkpoint-24" / "model.safetensors"))) < 1e-5
     ema_whole, ema_killed = _unet_and_encoder(whole), _unet_and_encoder(killed)
@@ -200,6 +309,31 @@ def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
     assert max((p.detach() - ema_whole[k]).abs().max().item() for k, p in init.unet.state_dict().items()) > 1e-3
     summary = json.loads((killed / "training_summary.json").read_text())
     assert summary["global_step"] == 24 and summary["elapsed_seconds"] > 0
+
+
+def test_entry_script_runs_from_another_folder_with_the_shipped_config(training_cohort, tmp_path):
+    # Nothing of the checkout is in the working folder: the config and the card template come from the package.
+    run = subprocess.run(
+        _script("train_qid2.py", "--config", "tiny", "--data_dir", str(training_cohort), "--output_dir", "out",
+                "--max_train_steps", "2", "--num_validation_subjects", "0", "--validation_steps", "0"),
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "training_summary.json").read_text())
+    # tiny.yaml's preset and batch size, the command line's step budget.
+    assert summary["global_step"] == 2 and summary["train_batch_size"] == 4
+    assert summary["preset"] == "tiny (block_out_channels [8, 8, 16])" and [p.name for p in checkpoints(out)] == ["checkpoint-2"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "python training/train_qid2.py --config tiny" in card
+    assert "No held-out subject: no validation figures." in card and (out / "model_index.json").is_file()
+
+
+def test_an_unknown_config_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert QID2Trainer.main(["--config", "huge", "--data_dir", "d", "--output_dir", "o"]) == 2
+    assert capsys.readouterr().err == "error: huge: config file not found (shipped configs: paper, small, tiny)\n"
+    assert not (tmp_path / "o").exists()
 
 
 def _free_port():
@@ -245,17 +379,17 @@ def test_two_processes_hold_identical_weights_and_the_output_loads(training_coho
     summary = json.loads((out / "training_summary.json").read_text())
     steps = summary["global_step"]
     assert summary["num_processes"] == 2 and 1 <= steps < 100 and summary["total_batch_size"] == 8
-    assert "wall-time budget" in summary["stop_reason"] and [p.name for p in common.checkpoints(out)] == [f"checkpoint-{steps}"]
+    assert "wall-time budget" in summary["stop_reason"] and [p.name for p in checkpoints(out)] == [f"checkpoint-{steps}"]
     assert summary["validation"]["step"] == steps and 0 <= summary["validation"]["fa_mae"] < 1
     assert set(summary["validation_reference_methods"]) == {"interp", "dti"}
     card = (out / "README.md").read_text()
     assert "{{" not in card and "accelerate launch --num_processes 2" in card and "sub-00" in card
     assert "| Interp (R=3) |" in card and (out / "validation.png").is_file()
+    assert f"- Wall time: {summary['wall_time']}." in card and f"- Hardware: {summary['hardware']}; 2 process(es)" in card
     assert any((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_cohort):
-    import average_weights
+def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_cohort, capsys):
     from qid2_diffusers import QID2Pipeline, build_pipeline
 
     a, b = build_pipeline("tiny", 3, seed=1), build_pipeline("tiny", 3, seed=2)
@@ -282,8 +416,12 @@ def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_co
     assert (out / "validation.png").read_bytes()[:4] == b"\x89PNG"
 
     build_pipeline("tiny", 6, seed=3).save_pretrained(tmp_path / "r6")
-    with pytest.raises(Exception, match="another architecture"):
-        average_weights.main(["--inputs", str(tmp_path / "a"), str(tmp_path / "r6"), "--output_dir", str(tmp_path / "x")])
+    capsys.readouterr()
+    code = average_weights.main(["--inputs", str(tmp_path / "a"), str(tmp_path / "r6"), "--output_dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    # One line naming the input and the problem (after diffusers' loading bars), exit status 2, no traceback.
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: {tmp_path / 'r6'}: has another architecture than {tmp_path / 'a'}"
     with pytest.raises(SystemExit):
         average_weights.main(["--inputs", str(tmp_path / "a"), "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x" / "model_index.json").exists()

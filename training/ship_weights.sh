@@ -48,9 +48,9 @@ qid2 phantom --out "$WORK/test" --subjects "$N_TEST" --seed 3000 --jobs "$JOBS" 
 common=(--data_dir "$WORK/train" --validation_data_dir "$WORK/val" --cache_dir "$WORK/cache" --preset "$PRESET" --learning_rate 2e-4
         --max_train_time_minutes "$MINUTES" "${TRAIN_ARGS[@]}" --dataloader_num_workers 3 --report_to tensorboard)
 stamp "training 4 models side by side for $MINUTES min"
-$PY training/train_qid2.py --config training/configs/small.yaml "${common[@]}" --R 3 \
+$PY training/train_qid2.py --config small "${common[@]}" --R 3 \
     --output_dir "$OUT/qid2-small-r3" > "$WORK/train-qid2-r3.log" 2>&1 &
-$PY training/train_qid2.py --config training/configs/small.yaml "${common[@]}" --R 6 \
+$PY training/train_qid2.py --config small "${common[@]}" --R 6 \
     --output_dir "$OUT/qid2-small-r6" > "$WORK/train-qid2-r6.log" 2>&1 &
 $PY training/train_gan.py --model cgan "${common[@]}" --R 3 \
     --output_dir "$OUT/cgan-small-r3" > "$WORK/train-cgan-r3.log" 2>&1 &
