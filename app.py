@@ -26,17 +26,18 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from qid2_diffusers.cli.upsample import TRAINED_SHELL, choose_targets, upsample_dwi
+from qid2_diffusers import QID2Upsampler
 from qid2_diffusers.data.io import extract_shell, load_dwi
 from qid2_diffusers.directions import angular_distance, nearest_references, normalize_bvecs
 from qid2_diffusers.errors import QID2InputError
+from qid2_diffusers.evaluation import tensor_metrics
 from qid2_diffusers.example import make_example
+from qid2_diffusers.gradients import split_scheme
 from qid2_diffusers.hub import load_pipeline, model_num_references, resolve_model, with_scheduler
+from qid2_diffusers.inference import TRAINED_SHELL, choose_targets, outside_training_shell, upsample_dwi
 from qid2_diffusers.masking import brain_mask
 from qid2_diffusers.schedulers import SCHEDULERS
-from qid2_diffusers.evaluation import tensor_metrics
 from qid2_diffusers.tensor import TensorMaps, fit_tensor
-from qid2_diffusers.upsampling import QID2Upsampler, split_scheme
 
 __all__ = ["Session", "build_demo", "demo", "LAUNCH_KWARGS", "to_image"]
 
@@ -266,7 +267,7 @@ def _loaded(session: Session):
     with_brain = np.flatnonzero(session.mask.any(axis=(0, 1)))
     z = int(with_brain[len(with_brain) // 2]) if len(with_brain) else n_slices // 2
     choices = [(f"#{k}: ({v[0]:+.2f}, {v[1]:+.2f}, {v[2]:+.2f})", k) for k, v in enumerate(session.targets)]
-    if abs(session.shell - TRAINED_SHELL) > 0.05 * TRAINED_SHELL:
+    if outside_training_shell(session.shell):
         gr.Warning(f"The model was trained at b={TRAINED_SHELL:g}; b={session.shell:g} is outside its training data.")
     return (
         session,

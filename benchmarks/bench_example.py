@@ -90,8 +90,8 @@ def naive_seconds(dwi_path, bval, bvec, target_bvecs, args) -> tuple[float, int,
 
     from qid2_diffusers.data.io import load_dwi
     from qid2_diffusers.directions import nearest_references, normalize_bvecs
+    from qid2_diffusers.gradients import split_scheme
     from qid2_diffusers.hub import load_pipeline
-    from qid2_diffusers.upsampling import split_scheme
 
     if args.threads:
         torch.set_num_threads(args.threads)

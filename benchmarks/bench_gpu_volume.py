@@ -15,19 +15,18 @@ the GPU's dense bf16 peak, from a FLOP count of one network pass.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from qid2_diffusers import QID2Pipeline, build_pipeline
+from qid2_diffusers import QID2Pipeline, QID2Upsampler, build_pipeline
 from qid2_diffusers.directions import complement, uniform_directions, uniform_subset
-from qid2_diffusers.hub import compile_unet
-from qid2_diffusers.image_processor import QID2ImageProcessor
+from qid2_diffusers.evaluation.report import write_json
+from qid2_diffusers.hub import compile_unet, select_device
 from qid2_diffusers.schedulers import SCHEDULERS, make_scheduler
-from qid2_diffusers.upsampling import QID2Upsampler, brain_bounding_box, brain_slices
+from qid2_diffusers.upsampling import brain_bounding_box, brain_slices
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,7 +42,7 @@ def main():
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--R", type=int, default=3)
     ap.add_argument("--shape", type=int, nargs=3, default=(145, 174, 145))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--scheduler-from", help="a pipeline folder whose scheduler and default steps to use "
@@ -55,7 +54,7 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    device = torch.device(args.device)
+    device = select_device(args.device)
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     pipe = build_pipeline(args.preset, args.R)
     try:
@@ -85,7 +84,7 @@ def main():
     crop = (bx.stop - bx.start, by.stop - by.start)
     with torch.inference_mode():
         x = torch.zeros(1, 1 + args.R, *crop, device=device, dtype=dtype)
-        x, _ = QID2ImageProcessor(4).pad(x)
+        x, _ = pipe.image_processor.pad(x)
         tokens = pipe.direction_encoder(torch.ones(1, 3, device=device), torch.ones(1, args.R, 3, device=device)).to(dtype)
         with FlopCounterMode(display=False) as counter:
             pipe.unet(x, torch.tensor([500], device=device), encoder_hidden_states=tokens)
@@ -121,8 +120,7 @@ def main():
     for k, v in row.items():
         print(f"{k:>22}: {v}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=2)
+        write_json(args.json, row)
 
 
 if __name__ == "__main__":

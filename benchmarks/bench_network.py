@@ -11,7 +11,6 @@ achieved fraction of the GPU's dense bf16 peak (``--peak-tflops``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -19,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from qid2_diffusers import build_pipeline
-from qid2_diffusers.image_processor import QID2ImageProcessor
+from qid2_diffusers.evaluation.report import write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,7 +26,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def one_pass(pipe, batch, size, device, dtype, channels_last=False):
     r = pipe.num_references
     x = torch.randn(batch, 1 + r, *size, device=device, dtype=dtype)
-    x, _ = QID2ImageProcessor.for_unet(pipe.unet).pad(x)
+    x, _ = pipe.image_processor.pad(x)
     if channels_last:  # as the pipeline feeds the network
         x = x.contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500, device=device)
@@ -81,8 +80,7 @@ def main():
             rows.append(row)
             print(f"{preset:8} {s:>8} {params:>10,} {flops / 1e9:>12.2f} {dt * 1e3:>14.2f} {tflops:>8.2f} {pct:>6.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -95,12 +95,13 @@ def make_example(
     """
     from .data.io import save_dwi, save_nifti, split_acquired
     from .data.phantom import make_subject
+    from .gradients import split_scheme
 
     out_dir = Path(out_dir)
     subject = make_subject(seed, resolution=resolution, slab=slab)
-    dw = np.flatnonzero(subject.bvals > 50)
+    b0, dw = split_scheme(subject.bvals)
     acquired, targets = split_acquired(subject.bvecs[dw], n_acquired)
-    keep = np.sort(np.concatenate([np.flatnonzero(subject.bvals <= 50), dw[acquired]]))
+    keep = np.sort(np.concatenate([b0, dw[acquired]]))
     prefix = out_dir / f"{EXAMPLE_PREFIX}_input"
     nii, bval, bvec = save_dwi(prefix, subject.dwi[..., keep], subject.bvals[keep], subject.bvecs[keep], subject.affine)
     mask = save_nifti(out_dir / f"{EXAMPLE_PREFIX}_mask.nii.gz", subject.mask, subject.affine, dtype=np.uint8)
@@ -138,7 +139,7 @@ def run_example(
             shipped model with its saved sampler.
         steps (`int`, *optional*): denoising steps; defaults to the model's
             ``default_num_inference_steps``.
-        num_samples, batch_size, seed: see :func:`qid2_diffusers.cli.upsample.upsample_dwi`.
+        num_samples, batch_size, seed: see :func:`qid2_diffusers.inference.upsample_dwi`.
         slab (`int`, *optional*, defaults to :data:`EXAMPLE_SLAB`): central axial slices.
         progress (`bool`, *optional*, defaults to `True`): show the progress bar.
         verbose (`bool`, *optional*, defaults to `True`): print the report.
@@ -147,7 +148,7 @@ def run_example(
         `dict`: ``fa`` (method -> :func:`~qid2_diffusers.evaluation.tensor_metrics`
         dict), ``seconds``, ``paths`` and ``n_targets``.
     """
-    from .cli.upsample import check_writable, upsample_dwi
+    from .inference import check_writable, upsample_dwi
     from .data.io import load_dwi
     from .evaluation import tensor_metrics
     from .hub import load_pipeline

@@ -141,17 +141,26 @@ def resolve_model(model: str | os.PathLike | None = None, num_references: int | 
     return folder
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; a named device must be available."""
-    if name not in DEVICES:
-        raise QID2InputError(None, f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
+def select_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The torch device to run on.
+
+    ``auto`` (or `None`) picks CUDA, then Apple MPS, then the CPU; a named
+    device (``cpu``, ``cuda``, ``cuda:1``, ``mps``, or a ``torch.device`` as
+    Accelerate assigns one per process) must be available.
+    """
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
+    if name is None or name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise QID2InputError(None, f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
+    if (device.type == "cuda" and not cuda) or (device.type == "mps" and not mps):
         raise QID2InputError(None, f"device {name} requested but not available on this machine")
-    return torch.device(name)
+    return device
 
 
 def select_dtype(name: str = "fp32") -> torch.dtype:
@@ -198,8 +207,7 @@ def load_pipeline(
         scheduler (`str`, *optional*): one of ``SCHEDULERS``; defaults to the
             sampler saved with the model.
         device (`str` or `torch.device`, *optional*, defaults to `"auto"`):
-            ``auto``, ``cpu``, ``cuda`` or ``mps`` (or a ``torch.device``, as
-            Accelerate assigns one per process).
+            see :func:`select_device`.
         dtype (`str`, *optional*, defaults to `"fp32"`): ``fp32``, ``fp16`` or ``bf16``.
         compile (`bool`, *optional*, defaults to `False`): ``torch.compile`` the
             U-Net (:func:`compile_unet`); pays off on a GPU over a whole subject.
@@ -217,7 +225,7 @@ def load_pipeline(
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise QID2InputError(None, f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     torch_dtype = select_dtype(dtype)
-    dev = device if isinstance(device, torch.device) else select_device(device)
+    dev = select_device(device)
     folder = resolve_model(model, num_references)
     pipe = QID2Pipeline.from_pretrained(str(folder), **{_dtype_keyword(): torch_dtype})
     pipe.set_progress_bar_config(disable=True)

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TensorMaps", "TensorPrior", "fit_tensor", "B0_THRESHOLD"]
+from .gradients import B0_THRESHOLD
 
-#: b-values at or below this are b0 volumes (scanners store b0 as 0, 0.5, 5...).
-B0_THRESHOLD = 50.0
+__all__ = ["TensorMaps", "TensorPrior", "fit_tensor"]
 
 
 @dataclass

@@ -1,51 +1,63 @@
-"""Volume up-sampling: acquired DWI + target directions -> synthesised volumes.
+"""The up-sampler interface: acquired DWI + target directions -> synthesised volumes.
 
 :class:`VolumeUpsampler` is the one interface shared by QID², the baselines,
 evaluation, the command line and the demo. Inputs are a 4D array holding the
 b0 volumes and ONE diffusion-weighted shell (the acquired directions), the
-scheme, and the target directions; the output holds one volume per target, at
-the shell's b-value.
+scheme (``bvals, bvecs`` or a dipy ``GradientTable``), and the target
+directions; the output holds one volume per target, at the shell's b-value.
+:class:`SliceUpsampler` adds the slice-by-slice loop of the learned methods.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .directions import nearest_references, normalize_bvecs
-from .tensor import B0_THRESHOLD, TensorPrior
+from .gradients import as_bvals_bvecs, is_gradient_table, split_scheme, target_directions
+from .tensor import TensorPrior
 
-__all__ = ["VolumeUpsampler", "SliceUpsampler", "QID2Upsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
+__all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
 
 
 class VolumeUpsampler:
     """Predicts the DWI volumes at target directions from an acquired shell.
 
-    Subclasses implement :meth:`predict`; ``name`` labels result tables.
+    Subclasses implement :meth:`predict_volumes`; ``name`` labels result tables.
     """
 
     name = "upsampler"
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
+    def predict(self, data, bvals, bvecs=None, target_bvecs=None, mask=None, **kwargs) -> np.ndarray:
         """Predicted volumes, float32 of shape ``(X, Y, Z, T)``, zero outside ``mask``.
+
+        Called as ``predict(data, bvals, bvecs, target_bvecs, mask)`` or, as
+        dipy users pass a scheme, ``predict(data, gtab, target_bvecs, mask)``.
 
         Args:
             data (`array-like` of shape `(X, Y, Z, N)`): b0 volumes and one
                 diffusion-weighted shell; may be a lazy nibabel ``dataobj``.
-            bvals (`array-like` of shape `(N,)`), bvecs (`array-like` of shape `(N, 3)`): the scheme.
-            target_bvecs (`array-like` of shape `(T, 3)`): directions to synthesise.
+            bvals (`array-like` of shape `(N,)` or `dipy.core.gradients.GradientTable`):
+                the b-values, or the whole scheme as a gradient table.
+            bvecs (`array-like` of shape `(N, 3)`): the b-vectors (not with a gradient table).
+            target_bvecs (`array-like` of shape `(T, 3)` or `GradientTable`): directions
+                to synthesise; of a gradient table, its diffusion-weighted directions.
             mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): brain mask.
+            kwargs: options of the method's :meth:`predict_volumes`.
         """
+        if is_gradient_table(bvals) and bvecs is not None:
+            # predict(data, gtab, target_bvecs[, mask]): the arguments sit one place earlier.
+            if target_bvecs is not None and mask is not None:
+                raise TypeError("with a GradientTable, pass data, gtab, target_bvecs and mask")
+            bvecs, target_bvecs, mask = None, bvecs, mask if target_bvecs is None else target_bvecs
+        if target_bvecs is None:
+            raise TypeError("predict() needs the target directions (target_bvecs)")
+        bvals, bvecs = as_bvals_bvecs(bvals, bvecs)
+        return self.predict_volumes(data, bvals, bvecs, target_directions(target_bvecs), mask, **kwargs)
+
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
+        """:meth:`predict` on arrays: ``bvals`` (N,), ``bvecs`` (N, 3) and ``target_bvecs`` (T, 3)."""
         raise NotImplementedError
-
-
-def split_scheme(bvals, bvecs) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the b0 volumes and of the diffusion-weighted volumes."""
-    bvals = np.asarray(bvals, dtype=np.float64)
-    b0 = np.flatnonzero(bvals <= B0_THRESHOLD)
-    dw = np.flatnonzero(bvals > B0_THRESHOLD)
-    return b0, dw
 
 
 def brain_slices(mask: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -81,7 +93,9 @@ class SliceUpsampler(VolumeUpsampler):
 
     :meth:`predict` visits only slices containing brain, each cropped to the
     brain's bounding box, and batches (slice, target) pairs; a subclass
-    supplies :meth:`predict_batch` and ``num_references``.
+    (:class:`~qid2_diffusers.pipelines.QID2Upsampler`,
+    :class:`~qid2_diffusers.baselines.gan.GANUpsampler`) supplies
+    :meth:`predict_batch` and ``num_references``.
 
     Args:
         batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
@@ -123,9 +137,9 @@ class SliceUpsampler(VolumeUpsampler):
         """
         raise NotImplementedError
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None, *, target_indices=None, return_std=False, axis=2,
-                out=None):
-        """See :meth:`VolumeUpsampler.predict`.
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None, *, target_indices=None, return_std=False,
+                        axis=2, out=None):
+        """See :meth:`VolumeUpsampler.predict`; these options pass through it.
 
         Args:
             target_indices (`array-like` of `int`, *optional*): global index of
@@ -215,58 +229,3 @@ class SliceUpsampler(VolumeUpsampler):
             out = np.moveaxis(out, 2, axis)
             std = None if std is None else np.moveaxis(std, 2, axis)
         return (out, std) if return_std else out
-
-
-class QID2Upsampler(SliceUpsampler):
-    """Up-samples a volume slice by slice with a :class:`~qid2_diffusers.QID2Pipeline`.
-
-    Only slices containing brain are sampled, each cropped to the brain's
-    bounding box; (slice, target) pairs are batched together.
-
-    Args:
-        pipeline ([`QID2Pipeline`]): the trained pipeline (scheduler already chosen).
-        num_inference_steps (`int`, *optional*): defaults to the pipeline's default.
-        num_samples (`int`, *optional*, defaults to 1): samples averaged per target.
-        batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
-        seed (`int`, *optional*, defaults to 0): base seed.
-        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over slices x targets.
-    """
-
-    name = "qid2"
-
-    def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True):
-        super().__init__(batch_size=batch_size, seed=seed, progress=progress)
-        self.pipeline = pipeline
-        self.num_inference_steps = num_inference_steps
-        self.num_samples = int(num_samples)
-        pipeline.set_progress_bar_config(disable=True)
-
-    @property
-    def num_references(self) -> int:
-        return self.pipeline.num_references
-
-    @property
-    def physics_prior(self) -> bool:
-        return self.pipeline.physics_prior
-
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, *, prior_images=None,
-                      b0_images=None, target_bvals=None, reference_bvals=None):
-        gens = [
-            torch.Generator().manual_seed(sample_seed(self.seed, target_index, slice_index, k))
-            for target_index, slice_index in keys
-            for k in range(self.num_samples)
-        ]
-        result = self.pipeline(
-            reference_images,
-            reference_bvecs,
-            target_bvecs,
-            prior_images=prior_images,
-            b0_images=b0_images,
-            target_bvals=target_bvals,
-            reference_bvals=reference_bvals,
-            num_inference_steps=self.num_inference_steps,
-            generator=gens,
-            num_samples=self.num_samples,
-            output_type="np",
-        )
-        return result.images, result.std

@@ -17,7 +17,7 @@ from qid2_diffusers.example import EXAMPLE_SLAB
 gr = pytest.importorskip("gradio")
 
 from qid2_diffusers import build_pipeline  # noqa: E402
-from qid2_diffusers.cli.upsample import choose_targets  # noqa: E402
+from qid2_diffusers.inference import choose_targets  # noqa: E402
 from qid2_diffusers.directions import nearest_references  # noqa: E402
 from qid2_diffusers.hub import load_pipeline  # noqa: E402
 from qid2_diffusers.schedulers import make_scheduler  # noqa: E402

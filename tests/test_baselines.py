@@ -136,7 +136,7 @@ def test_factory_builds_every_classical_method():
 
 
 def test_factory_loads_qid2_and_reports_missing_weights(tiny_model_dir, tmp_path):
-    from qid2_diffusers.upsampling import QID2Upsampler
+    from qid2_diffusers import QID2Upsampler
 
     up = make_upsampler(
         "qid2",
@@ -160,7 +160,8 @@ def test_factory_loads_qid2_and_reports_missing_weights(tiny_model_dir, tmp_path
 
 
 def test_factory_loads_a_saved_gan_generator(tmp_path):
-    from qid2_diffusers.models.gan import GANUpsampler, QGANGenerator
+    from qid2_diffusers.baselines.gan import GANUpsampler
+    from qid2_diffusers.models.gan import QGANGenerator
 
     QGANGenerator(num_references=3, block_out_channels=(8, 16), embed_dim=8, norm_num_groups=4).save_pretrained(
         tmp_path
@@ -169,3 +170,46 @@ def test_factory_loads_a_saved_gan_generator(tmp_path):
     assert isinstance(up, GANUpsampler) and up.num_references == 3
     with pytest.raises(ValueError, match="holds a qgan generator, not a cgan"):
         make_upsampler("cgan", model_path=tmp_path, device="cpu")
+
+
+def test_every_method_takes_a_dipy_gradient_table(scheme, tiny_pipeline):
+    """``predict(data, gtab, targets, mask)`` as dipy users call a model: the same volumes as with arrays."""
+    import torch
+    from dipy.core.gradients import gradient_table
+
+    from qid2_diffusers import QID2Upsampler
+    from qid2_diffusers.baselines.gan import GANUpsampler
+    from qid2_diffusers.models.gan import QGANGenerator
+
+    bvals, bvecs, targets = scheme
+    targets = targets[:8]
+    data, _ = _tensor_signal(bvals, bvecs, shape=(6, 5, 2))
+    mask = np.ones(data.shape[:3], dtype=bool)
+    mask[0] = False
+    gtab = gradient_table(bvals, bvecs=bvecs)
+    # A target table as dipy users write one: a b0 row, then the directions.
+    target_gtab = gradient_table(np.r_[0.0, np.full(len(targets), 1000.0)], bvecs=np.r_[np.zeros((1, 3)), targets])
+    torch.manual_seed(0)
+    generator = QGANGenerator(num_references=3, block_out_channels=(8, 16), embed_dim=8, norm_num_groups=4)
+    methods = [
+        InterpUpsampler(3),
+        DTIUpsampler(),
+        SHUpsampler(4),
+        QID2Upsampler(tiny_pipeline, num_inference_steps=1, progress=False),
+        GANUpsampler(generator, progress=False),
+    ]
+    for up in methods:
+        expected = up.predict(data, bvals, bvecs, targets, mask)
+        assert expected.shape == data.shape[:3] + (len(targets),) and np.all(expected[~mask] == 0)
+        assert np.abs(expected[mask]).max() > 0, up.name
+        for got in (
+            up.predict(data, gtab, targets, mask),
+            up.predict(data, gtab, targets, mask=mask),
+            up.predict(data, gtab, target_bvecs=target_gtab, mask=mask),
+            up.predict(data, bvals, bvecs, target_gtab, mask),
+        ):
+            np.testing.assert_array_equal(got, expected, err_msg=up.name)
+    with pytest.raises(TypeError, match="pass data, gtab, target_bvecs and mask"):
+        methods[0].predict(data, gtab, bvecs, targets, mask)
+    with pytest.raises(ValueError, match="bvecs are needed"):
+        methods[0].predict(data, bvals, target_bvecs=targets)

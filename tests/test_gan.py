@@ -1,4 +1,4 @@
-"""qid2_diffusers.models.gan and qid2_diffusers.training.gan: the cGAN and qGAN baselines."""
+"""qid2_diffusers.models.gan, baselines.gan and qid2_diffusers.training.gan: the cGAN and qGAN baselines."""
 
 import json
 import os
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import qid2_diffusers
+from qid2_diffusers.baselines.gan import GANUpsampler
 from qid2_diffusers.directions import uniform_directions
 from qid2_diffusers.models.gan import (
     CGANGenerator,
-    GANUpsampler,
     PatchDiscriminator,
     QGANGenerator,
     load_generator,

@@ -12,7 +12,7 @@ from qid2_diffusers.directions import uniform_directions
 from qid2_diffusers.models import DirectionEncoder, direction_features
 from qid2_diffusers.normalization import denormalize
 from qid2_diffusers.tensor import TensorPrior
-from qid2_diffusers.upsampling import QID2Upsampler
+from qid2_diffusers import QID2Upsampler
 
 
 def _zero_output(pipe: QID2Pipeline) -> QID2Pipeline:

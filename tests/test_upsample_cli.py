@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qid2_diffusers.cli import main
-from qid2_diffusers.cli.upsample import choose_targets, read_targets
+from qid2_diffusers.inference import choose_targets, read_targets
 from qid2_diffusers.directions import angular_distance, uniform_directions
 from qid2_diffusers.errors import QID2InputError
 from qid2_diffusers.masking import brain_mask

@@ -1,7 +1,9 @@
 """Up-samplers to compare QID² with, and one factory that builds any method by name.
 
 Every method is a :class:`~qid2_diffusers.upsampling.VolumeUpsampler`, so
-evaluation, the command line and the demo treat QID² and the baselines alike.
+evaluation, the command line and the demo treat QID² and the baselines alike;
+the learned ones load their weights through :mod:`qid2_diffusers.hub` and
+:func:`~qid2_diffusers.models.gan.load_generator`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ __all__ = [
     "sh_resampling_matrix",
     "METHODS",
     "MissingWeightsError",
-    "default_device",
     "make_upsampler",
     "method_label",
     "uses_references",
@@ -28,8 +29,6 @@ __all__ = [
 
 #: Method names accepted by :func:`make_upsampler`, in the order tables list them.
 METHODS = ("qid2", "cgan", "qgan", "interp", "dti", "sh2", "sh4", "sh6")
-
-_LEARNED = ("qid2", "cgan", "qgan")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -57,15 +56,6 @@ def _weights_folder(path, what: str, flag: str) -> Path:
     if not path.is_dir():
         raise MissingWeightsError(f"{path}: no {what} weights folder there")
     return path
-
-
-def default_device(device=None):
-    """``torch.device(device)``, or CUDA when available and none is named, else the CPU."""
-    import torch
-
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_upsampler(
@@ -97,7 +87,8 @@ def make_upsampler(
         num_samples (`int`, *optional*, defaults to 1): QID² samples averaged per target.
         batch_size (`int`, *optional*, defaults to 32): slices per network call (learned methods).
         seed (`int`, *optional*, defaults to 0): sampling seed.
-        device (`str` or `torch.device`, *optional*): defaults to CUDA when available.
+        device (`str` or `torch.device`, *optional*): see
+            :func:`~qid2_diffusers.hub.select_device`; defaults to the best available.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
 
     Raises:
@@ -120,9 +111,8 @@ def make_upsampler(
 
 
 def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_size, seed, device, progress):
-    from ..pipelines import QID2Pipeline
-    from ..schedulers import make_scheduler
-    from ..upsampling import QID2Upsampler
+    from ..hub import load_pipeline, model_num_references
+    from ..pipelines import QID2Upsampler
 
     if model_path is None:
         from ..pretrained import default_model_path
@@ -134,12 +124,9 @@ def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_
     path = _weights_folder(model_path, "QID²", "--model")
     if not (path / "model_index.json").is_file():
         raise MissingWeightsError(f"{path}: not a QID² pipeline folder (no model_index.json)")
-    pipe = QID2Pipeline.from_pretrained(str(path))
-    if pipe.num_references != num_references:
-        raise ValueError(f"{path}: this QID² model takes R = {pipe.num_references}, not R = {num_references}")
-    if scheduler is not None:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    pipe.to(default_device(device))
+    if model_num_references(path) != num_references:
+        raise ValueError(f"{path}: this QID² model takes R = {model_num_references(path)}, not R = {num_references}")
+    pipe = load_pipeline(path, scheduler=scheduler, device=device)
     upsampler = QID2Upsampler(
         pipe, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
     )
@@ -148,13 +135,14 @@ def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_
 
 
 def _make_gan(name, model_path, num_references, batch_size, device, progress):
-    from ..models.gan import GANUpsampler
+    from ..hub import select_device
+    from .gan import GANUpsampler
 
     path = _weights_folder(model_path, name, f"--{name}")
     if not (path / "config.json").is_file():
         raise MissingWeightsError(f"{path}: not a saved {name} generator (no config.json)")
     upsampler = GANUpsampler.from_pretrained(
-        path, batch_size=batch_size, device=default_device(device), progress=progress
+        path, batch_size=batch_size, device=select_device(device), progress=progress
     )
     if upsampler.generator.kind != name:
         raise ValueError(f"{path}: holds a {upsampler.generator.kind} generator, not a {name}")

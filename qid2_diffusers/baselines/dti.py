@@ -25,7 +25,7 @@ class DTIUpsampler(VolumeUpsampler):
     def __init__(self, fit_method: str = "WLS"):
         self.fit_method = fit_method
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
         """See :meth:`VolumeUpsampler.predict`."""
         # The targets lie on the acquired shell.
         prior = TensorPrior(data, bvals, bvecs, mask, fit_method=self.fit_method)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..directions import nearest_references, normalize_bvecs
-from ..upsampling import VolumeUpsampler, split_scheme
+from ..gradients import split_scheme
+from ..upsampling import VolumeUpsampler
 
 __all__ = ["InterpUpsampler", "interpolation_weights"]
 
@@ -55,7 +56,7 @@ class InterpUpsampler(VolumeUpsampler):
         self.num_references = int(num_references)
         self.name = f"interp-r{self.num_references}"
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
         """See :meth:`VolumeUpsampler.predict`."""
         _, dw = split_scheme(bvals, bvecs)
         acquired = normalize_bvecs(np.asarray(bvecs, dtype=np.float64)[dw])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..directions import normalize_bvecs
-from ..upsampling import VolumeUpsampler, split_scheme
+from ..gradients import split_scheme
+from ..upsampling import VolumeUpsampler
 
 __all__ = ["SHUpsampler", "sh_resampling_matrix"]
 
@@ -66,7 +67,7 @@ class SHUpsampler(VolumeUpsampler):
         self.smooth = float(smooth)
         self.name = f"sh{self.sh_order}"
 
-    def predict(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:
         """See :meth:`VolumeUpsampler.predict`."""
         _, dw = split_scheme(bvals, bvecs)
         matrix = sh_resampling_matrix(np.asarray(bvecs)[dw], target_bvecs, self.sh_order, self.smooth)

@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 
 from ..directions import nearest_references
 from ..errors import QID2InputError
-from ..normalization import normalize, reference_scale
+from ..image_processor import QID2ImageProcessor
 from ..tensor import TensorPrior
 from .augment import rotate_bvecs, warp_slices
-from .io import DWI, _nifti_stem, bvec_voxel_signs, check_enough_directions, shell_indices, split_acquired
+from .io import DWI, bvec_voxel_signs, check_enough_directions, nifti_stem, shell_indices, split_acquired
 from .layouts import SubjectPaths
 
 __all__ = ["build_cache", "QID2Dataset", "CACHE_VERSION"]
@@ -122,7 +122,7 @@ def build_cache(
         dwi = subject.load()
     else:
         dwi = subject
-        subject_id = subject_id or (_nifti_stem(Path(dwi.path)) if dwi.path else "subject")
+        subject_id = subject_id or (nifti_stem(dwi.path) if dwi.path else "subject")
     params = {
         "version": CACHE_VERSION,
         "shell": float(shell),
@@ -289,9 +289,9 @@ class QID2Dataset(Dataset):
 
     Each item is a dict of float32 tensors:
 
-    - ``target`` `(1, H, W)` and ``references`` `(R, H, W)`, normalised with
-      :func:`~qid2_diffusers.normalization.normalize` by one scale taken from
-      the references alone;
+    - ``target`` `(1, H, W)` and ``references`` `(R, H, W)`, normalised by
+      :class:`~qid2_diffusers.image_processor.QID2ImageProcessor` with one
+      scale taken from the references alone (padding is left to the model's processor);
     - ``scale`` `(1, 1, 1)`: that scale in the source's intensity units, so
       ``denormalize(x, scale)`` gives scanner units back;
     - ``target_bvec`` `(3,)` and ``reference_bvecs`` `(R, 3)`: the references
@@ -387,8 +387,8 @@ class QID2Dataset(Dataset):
             zoom = rng.uniform(*self.scale_range)
             images, mask = warp_slices(images, angle, zoom, mask=mask)
             bvecs = rotate_bvecs(bvecs, angle, axis=subject.axis, voxel_signs=subject.voxel_signs)
-        scale = reference_scale(images[None, 1:n_planes])[0]
-        images = normalize(images, scale)
+        scale = QID2ImageProcessor.scale(images[None, 1:n_planes])[0]
+        images = QID2ImageProcessor.normalize(images, scale)
         bvecs = torch.from_numpy(bvecs.astype(np.float32))
         bvals = torch.from_numpy(subject.bvals[volumes].astype(np.float32))
         item = {

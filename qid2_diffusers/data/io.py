@@ -25,6 +25,7 @@ import numpy as np
 
 from ..directions import complement, normalize_bvecs, uniform_subset
 from ..errors import QID2InputError
+from ..gradients import B0_THRESHOLD
 
 __all__ = [
     "DWI",
@@ -35,16 +36,12 @@ __all__ = [
     "extract_shell",
     "split_acquired",
     "check_enough_directions",
+    "nifti_stem",
     "bvec_voxel_signs",
     "save_dwi",
     "save_nifti",
     "atomic_write",
-    "B0_THRESHOLD",
 ]
-
-#: Volumes with a b-value at or below this (s/mm²) are b0 volumes; scanners
-#: store them as 0, 0.5 or 5.
-B0_THRESHOLD = 50.0
 
 
 def _shell_tolerance(b: float) -> float:
@@ -55,6 +52,11 @@ def _shell_tolerance(b: float) -> float:
     return max(10.0, min(100.0, 0.05 * float(b)))
 
 
+# Not dipy's unique_bvals_tolerance: its tolerance is one gap for every shell,
+# and no single gap both joins 2950 with 3000 and keeps b=200 apart from b=300
+# (dipy 1.12 with tol=20 splits the first pair, with tol=100 joins the second),
+# while this tolerance grows with b. It also returns one b-value per shell, not
+# the shell's volumes.
 def group_shells(bvals, *, b0_threshold: float = B0_THRESHOLD) -> dict[int, np.ndarray]:
     """Group the diffusion-weighted volumes into shells.
 
@@ -64,7 +66,8 @@ def group_shells(bvals, *, b0_threshold: float = B0_THRESHOLD) -> dict[int, np.n
 
     Args:
         bvals (`array-like` of shape `(N,)`): b-values in s/mm².
-        b0_threshold (`float`, *optional*, defaults to 50.0): b0 volumes (not in any shell).
+        b0_threshold (`float`, *optional*, defaults to :data:`~qid2_diffusers.gradients.B0_THRESHOLD`):
+            b0 volumes (not in any shell).
 
     Returns:
         `dict[int, np.ndarray]`: shell label -> sorted volume indices, by increasing b.
@@ -100,7 +103,7 @@ def shell_indices(bvals, shell: float, *, b0_threshold: float = B0_THRESHOLD, pa
         shell (`float`): the shell's b-value, e.g. 1000; matched with the same
             tolerance as :func:`group_shells`. A value at or below
             ``b0_threshold`` selects the b0 volumes.
-        b0_threshold (`float`, *optional*, defaults to 50.0): b0 cut-off.
+        b0_threshold (`float`, *optional*, defaults to :data:`~qid2_diffusers.gradients.B0_THRESHOLD`): b0 cut-off.
         path (`str`, *optional*): file named in the error message.
 
     Raises:
@@ -224,7 +227,7 @@ class DWI:
         header (`nibabel.Nifti1Header`, *optional*): the source header.
         mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): brain mask, bool.
         path (`str`, *optional*): the source file.
-        b0_threshold (`float`, *optional*, defaults to 50.0): b0 cut-off.
+        b0_threshold (`float`, *optional*, defaults to :data:`~qid2_diffusers.gradients.B0_THRESHOLD`): b0 cut-off.
     """
 
     data: object
@@ -306,7 +309,9 @@ def extract_shell(dwi: DWI, shell: float = 1000) -> DWI:
 # Reading
 
 
-def _nifti_stem(path: Path) -> str:
+def nifti_stem(path) -> str:
+    """The file name without ``.nii.gz`` or ``.nii`` (any other name: without its last suffix)."""
+    path = Path(path)
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
@@ -317,7 +322,7 @@ def _nifti_stem(path: Path) -> str:
 def _default_sidecar(dwi_path: Path, kind: str) -> Path:
     # BIDS / dcm2niix name sidecars after the image; FSL and HCP use bare
     # ``bvals`` / ``bvecs`` in the same folder.
-    stem = _nifti_stem(dwi_path)
+    stem = nifti_stem(dwi_path)
     candidates = [dwi_path.with_name(name) for name in (f"{stem}.{kind}", f"{stem}.{kind}s", f"{kind}s")]
     for candidate in candidates:
         if candidate.is_file():
@@ -446,7 +451,7 @@ def load_dwi(
         bvecs_path (`str` or `os.PathLike`, *optional*): same, for ``.bvec`` / ``bvecs``;
             3 rows (FSL) or 3 columns, normalised to unit length.
         mask_path (`str` or `os.PathLike`, *optional*): brain mask of the image's shape.
-        b0_threshold (`float`, *optional*, defaults to 50.0): b-values at or
+        b0_threshold (`float`, *optional*, defaults to :data:`~qid2_diffusers.gradients.B0_THRESHOLD`): b-values at or
             below it are b0 volumes (their b-vectors are set to zero).
 
     Raises:
@@ -603,7 +608,7 @@ def save_dwi(prefix, data, bvals, bvecs, affine, header=None) -> tuple[Path, Pat
         `(nifti_path, bval_path, bvec_path)`.
     """
     prefix = Path(prefix)
-    prefix = prefix.with_name(_nifti_stem(prefix))
+    prefix = prefix.with_name(nifti_stem(prefix))
     data = np.asarray(data, dtype=np.float32)
     bvals = np.asarray(bvals, dtype=np.float64).ravel()
     bvecs = np.asarray(bvecs, dtype=np.float64)

@@ -1,4 +1,9 @@
-"""Evaluation of up-samplers: the paper's metrics and more, inside the brain mask."""
+"""Evaluation of up-samplers: the paper's metrics and more, inside the brain mask.
+
+:mod:`~qid2_diffusers.evaluation.benchmark` runs every method on held-out
+subjects (``qid2 benchmark``); :func:`evaluate_files` scores files on disk
+(``qid2 evaluate``); :mod:`~qid2_diffusers.evaluation.report` writes tables and figures.
+"""
 
 from .fid import FID_UNAVAILABLE, frechet_distance, inception_features, load_inception
 from .metrics import (
@@ -13,6 +18,7 @@ from .metrics import (
 )
 from .protocol import MATCH_TOLERANCE_DEG, SubjectEvaluation, match_volumes
 from .stats import paired_tests, summarize
+from .files import evaluate_files, resolve_prefix
 
 __all__ = [
     "FIBRE_FA",
@@ -32,4 +38,6 @@ __all__ = [
     "load_inception",
     "inception_features",
     "frechet_distance",
+    "evaluate_files",
+    "resolve_prefix",
 ]

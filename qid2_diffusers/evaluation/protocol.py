@@ -17,7 +17,7 @@ import numpy as np
 
 from ..directions import angular_distance, normalize_bvecs
 from ..tensor import fit_tensor
-from ..upsampling import split_scheme
+from ..gradients import split_scheme
 from .metrics import FIBRE_FA, MIN_MASK_VOXELS, image_metrics, tensor_metrics
 
 __all__ = ["match_volumes", "SubjectEvaluation", "MATCH_TOLERANCE_DEG"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from ..data.io import atomic_write
 
 __all__ = [
     "to_json",
@@ -43,21 +43,9 @@ def to_json(obj):
     return obj
 
 
-def _atomic(path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_text(path, text: str) -> Path:
-    """Write a text file atomically (temporary name in the same folder, then rename)."""
-    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write a text file atomically (:func:`~qid2_diffusers.data.io.atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path, obj) -> Path:
@@ -66,8 +54,8 @@ def write_json(path, obj) -> Path:
 
 
 def save_figure(fig, path) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
-    return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    """Save a matplotlib figure as PNG atomically (:func:`~qid2_diffusers.data.io.atomic_write`)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
 
 
 def format_mean_std(summary, digits: int = 3, scale: float = 1.0, bold: bool = False) -> str:

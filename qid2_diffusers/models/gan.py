@@ -1,4 +1,4 @@
-"""The paper's two GAN baselines: generators, discriminators and their volume up-sampler.
+"""The networks of the paper's two GAN baselines: generators and discriminators.
 
 * cGAN (pix2pix): the QID² U-Net itself as generator, fed the R reference
   slices plus a zero channel where the diffusion model gets its noisy target,
@@ -7,11 +7,12 @@
   directions; a patch discriminator that scores its features against a
   direction embedding by an inner product (a projection discriminator).
 
-Every network takes and returns slices in the normalised space of
-:mod:`qid2_diffusers.normalization` and reads directions through
-:class:`DirectionEncoder`, like QID². Generators and discriminators are
-``ModelMixin``s: ``save_pretrained`` writes ``config.json`` + safetensors and
-``from_pretrained`` (or :func:`load_generator`) reads them back.
+Every network takes and returns padded slices in the normalised space of
+:class:`~qid2_diffusers.image_processor.QID2ImageProcessor` and reads
+directions through :class:`DirectionEncoder`, like QID². Generators and
+discriminators are ``ModelMixin``s: ``save_pretrained`` writes ``config.json``
++ safetensors and ``from_pretrained`` (or :func:`load_generator`) reads them
+back. Their volume up-sampler is :class:`~qid2_diffusers.baselines.gan.GANUpsampler`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -27,8 +27,6 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..image_processor import QID2ImageProcessor
-from ..upsampling import SliceUpsampler
 from .direction_encoder import DirectionEncoder
 from .unet import PRESETS, build_unet
 
@@ -36,7 +34,6 @@ __all__ = [
     "CGANGenerator",
     "QGANGenerator",
     "PatchDiscriminator",
-    "GANUpsampler",
     "GENERATORS",
     "load_generator",
 ]
@@ -65,7 +62,7 @@ class CGANGenerator(ModelMixin, ConfigMixin):
 
     @property
     def size_multiple(self) -> int:
-        """Inputs must be padded to a multiple of this (see :class:`~qid2_diffusers.image_processor.QID2ImageProcessor`)."""
+        """Inputs are padded to a multiple of this (:class:`~qid2_diffusers.image_processor.QID2ImageProcessor`)."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def forward(self, reference_images, target_bvecs, reference_bvecs):
@@ -257,51 +254,3 @@ def load_generator(path, **kwargs) -> CGANGenerator | QGANGenerator:
     if name not in classes:
         raise ValueError(f"{config}: {name!r} is not a GAN generator (expected one of {', '.join(classes)})")
     return classes[name].from_pretrained(path, **kwargs)
-
-
-class GANUpsampler(SliceUpsampler):
-    """Up-samples a volume slice by slice with a cGAN or qGAN generator.
-
-    Same slice selection, bounding-box crop, batching and intensity
-    normalisation as :class:`~qid2_diffusers.upsampling.QID2Upsampler`; one
-    deterministic forward pass per batch.
-
-    Args:
-        generator ([`CGANGenerator`] or [`QGANGenerator`]): the trained generator.
-        batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
-        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over slices x targets.
-
-    Example:
-
-    ```py
-    >>> from qid2_diffusers.models.gan import GANUpsampler
-    >>> up = GANUpsampler.from_pretrained("weights/qgan-small-r3")  # doctest: +SKIP
-    >>> pred = up.predict(data, bvals, bvecs, target_bvecs, mask)  # doctest: +SKIP
-    ```
-    """
-
-    def __init__(self, generator, *, batch_size=32, progress=True):
-        super().__init__(batch_size=batch_size, seed=0, progress=progress)
-        self.generator = generator.eval()
-        self.name = generator.kind
-
-    @classmethod
-    def from_pretrained(cls, path, *, device="cpu", **kwargs) -> "GANUpsampler":
-        """Load the generator saved in ``path`` on ``device``; float16-saved weights load as float32."""
-        return cls(load_generator(path).to(device), **kwargs)
-
-    @property
-    def num_references(self) -> int:
-        return int(self.generator.config.num_references)
-
-    @torch.inference_mode()
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, **conditions):
-        # The paper's GANs see the references and directions only.
-        device, dtype = self.generator.device, self.generator.dtype
-        refs = torch.as_tensor(np.asarray(reference_images, dtype=np.float32), device=device)
-        processor = QID2ImageProcessor(self.generator.size_multiple)
-        x, scale, size = processor.preprocess(refs)
-        rb = torch.as_tensor(np.asarray(reference_bvecs, dtype=np.float32), device=device)
-        tb = torch.as_tensor(np.asarray(target_bvecs, dtype=np.float32), device=device)
-        y = self.generator(x.to(dtype), tb, rb).float()
-        return processor.postprocess(y, scale, size)[:, 0].cpu().numpy(), None

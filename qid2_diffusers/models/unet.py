@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DConditionModel
 
-__all__ = ["PRESETS", "PRIOR_CHANNELS", "unet_config", "build_unet", "num_references_of"]
+__all__ = ["PRESETS", "PRIOR_CHANNELS", "unet_config", "build_unet"]
 
 #: Channel widths and head sizes. ``paper`` is the paper's §2.3 network
 #: ([128, 128, 256], one residual block per level); ``small`` trains on two
@@ -71,7 +71,3 @@ def build_unet(preset: str = "small", num_references: int = 3, *, physics_prior:
     """A freshly initialised denoiser for a preset and R."""
     return UNet2DConditionModel(**unet_config(preset, num_references, physics_prior=physics_prior))
 
-
-def num_references_of(unet: UNet2DConditionModel, physics_prior: bool = False) -> int:
-    """R, read back from a denoiser's configuration."""
-    return int(unet.config.in_channels) - 1 - (PRIOR_CHANNELS if physics_prior else 0)

@@ -101,7 +101,7 @@ def average(argv=None) -> int:
                "default_num_inference_steps": pipe.config.default_num_inference_steps}
     if args.validation_data_dir:
         from ..data.layouts import discover_subjects
-        from ..upsampling import QID2Upsampler
+        from ..pipelines import QID2Upsampler
 
         args.R = pipe.num_references
         args.cache_dir = args.cache_dir or str(Path(args.output_dir) / "cache")

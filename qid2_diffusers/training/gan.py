@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ..image_processor import QID2ImageProcessor
 from ..models import PRESETS
-from ..models.gan import CGANGenerator, GANUpsampler, PatchDiscriminator, QGANGenerator
+from ..baselines.gan import GANUpsampler
+from ..models.gan import CGANGenerator, PatchDiscriminator, QGANGenerator
 from .reporting import GAN_MODEL_CARD_TEMPLATE, cast_for_saving, save_pretrained_atomic
 from .trainer import Trainer, masked_mean
 

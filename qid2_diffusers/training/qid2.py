@@ -37,7 +37,7 @@ from ..errors import QID2InputError
 from ..image_processor import QID2ImageProcessor
 from ..pipelines import QID2Pipeline
 from ..schedulers import SCHEDULERS, make_scheduler, training_scheduler
-from ..upsampling import QID2Upsampler
+from ..pipelines import QID2Upsampler
 from .reporting import CARD_TAGS, MODEL_CARD_TEMPLATE, cast_for_saving, save_pretrained_atomic
 from .trainer import Trainer, masked_mean
 

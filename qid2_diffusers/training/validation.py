@@ -14,7 +14,7 @@ from ..data.dataset import build_cache
 from ..data.io import atomic_write
 from ..directions import nearest_references
 from ..evaluation import SubjectEvaluation
-from ..upsampling import split_scheme
+from ..gradients import split_scheme
 
 __all__ = ["VALIDATION_KEYS", "Validator", "validate", "write_validation_figure"]
 
