@@ -18,15 +18,23 @@ def build_pipeline(
     prediction_type: str = "v_prediction",
     seed: int | None = 0,
     default_num_inference_steps: int = 1000,
+    *,
+    physics_prior: bool = False,
+    bval_conditioning: bool = False,
 ) -> QID2Pipeline:
-    """A randomly initialised pipeline; ``seed`` makes the initial weights reproducible."""
+    """A randomly initialised pipeline; ``seed`` makes the initial weights reproducible.
+
+    ``physics_prior`` and ``bval_conditioning`` off is the paper's configuration.
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    unet = build_unet(preset, num_references)
-    encoder = DirectionEncoder(num_references=num_references, embed_dim=PRESETS[preset]["cross_attention_dim"])
+    unet = build_unet(preset, num_references, physics_prior=physics_prior)
+    encoder = DirectionEncoder(num_references=num_references, embed_dim=PRESETS[preset]["cross_attention_dim"],
+                               bval_conditioning=bval_conditioning)
     return QID2Pipeline(
         unet=unet,
         direction_encoder=encoder,
         scheduler=training_scheduler(prediction_type),
         default_num_inference_steps=default_num_inference_steps,
+        physics_prior=physics_prior,
     )

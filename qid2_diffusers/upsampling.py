@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .directions import nearest_references, normalize_bvecs
 from .gradients import as_bvals_bvecs, is_gradient_table, split_scheme, target_directions
+from .tensor import TensorPrior
 
 __all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
 
@@ -111,7 +112,13 @@ class SliceUpsampler(VolumeUpsampler):
     def num_references(self) -> int:
         raise NotImplementedError
 
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys):
+    @property
+    def physics_prior(self) -> bool:
+        """Whether :meth:`predict_batch` wants the tensor-fit prior and the mean b0 of each slice."""
+        return False
+
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, *, prior_images=None,
+                      b0_images=None, target_bvals=None, reference_bvals=None):
         """Target slices for one batch, in the references' intensity units.
 
         Args:
@@ -119,6 +126,11 @@ class SliceUpsampler(VolumeUpsampler):
             reference_bvecs (`np.ndarray` of shape `(B, R, 3)`), target_bvecs (`np.ndarray` of shape `(B, 3)`).
             keys (`list` of `(int, int)`): (global target index, slice index) of
                 each row, from which a stochastic model draws its seeds.
+            prior_images (`np.ndarray` of shape `(B, H, W)`, *optional*): the
+                tensor-fit prediction of each target slice, when :attr:`physics_prior`.
+            b0_images (`np.ndarray` of shape `(B, H, W)`, *optional*): the mean b0 slice, likewise.
+            target_bvals (`np.ndarray` of shape `(B,)`), reference_bvals (`np.ndarray` of shape `(B, R)`):
+                b-values in s/mm².
 
         Returns:
             `tuple` ``(images (B, H, W), std (B, H, W) or None)``.
@@ -167,24 +179,44 @@ class SliceUpsampler(VolumeUpsampler):
             raise ValueError(f"out has shape {out.shape}, expected {shape[:3] + (t_count,)}")
         std = np.zeros(shape[:3] + (t_count,), dtype=np.float32) if return_std else None
         bx, by = brain_bounding_box(mask)
+        shell_b = np.asarray(bvals, dtype=np.float64)[dw]
+        target_b = float(np.median(shell_b))
+        prior = None
+        if self.physics_prior:
+            # One tensor fit per volume (inside the brain box), the prior of every
+            # target; the prediction itself is made slice by slice, when needed.
+            b0, _ = split_scheme(bvals, bvecs)
+            keep = np.concatenate([b0, dw])
+            prior = TensorPrior(np.asarray(data[bx, by], dtype=np.float32)[..., keep],
+                                np.asarray(bvals, dtype=np.float64)[keep], np.asarray(bvecs, dtype=np.float64)[keep],
+                                mask[bx, by])
         jobs = [(z, t) for z in brain_slices(mask) for t in range(t_count)]
         bar = tqdm(total=len(jobs), desc="slices x targets", unit="slice", disable=not self.progress)
-        loaded_z, slab = None, None
+        loaded_z, slab, prior_slab = None, None, None
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
-            ref_imgs = []
+            ref_imgs, prior_imgs, b0_imgs = [], [], []
             for z, t in batch:
                 if z != loaded_z:
                     # One read per slice: a lazy NIfTI proxy decodes only this slice.
                     slab = np.asarray(data[bx, by, z, :], dtype=np.float32)[..., dw]
+                    if prior is not None:
+                        prior_slab = prior.predict(targets, (slice(None), slice(None), z), bval=target_b)
                     loaded_z = z
                 ref_imgs.append(np.moveaxis(slab[..., refs[t]], -1, 0))
+                if prior is not None:
+                    prior_imgs.append(prior_slab[..., t])
+                    b0_imgs.append(prior.mean_b0[:, :, z])
             t_idx = np.array([t for _, t in batch])
             images, images_std = self.predict_batch(
                 np.stack(ref_imgs),
                 acquired[refs[t_idx]],
                 targets[t_idx],
                 [(int(target_indices[t]), int(z)) for z, t in batch],
+                prior_images=np.stack(prior_imgs) if prior is not None else None,
+                b0_images=np.stack(b0_imgs) if prior is not None else None,
+                target_bvals=np.full(len(batch), target_b),
+                reference_bvals=shell_b[refs[t_idx]],
             )
             for i, (z, t) in enumerate(batch):
                 m = mask[bx, by, z]

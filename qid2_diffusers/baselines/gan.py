@@ -49,7 +49,8 @@ class GANUpsampler(SliceUpsampler):
         return int(self.generator.config.num_references)
 
     @torch.inference_mode()
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys):
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, **conditions):
+        # The paper's GANs see the references and their directions only.
         device, dtype = self.generator.device, self.generator.dtype
         refs = torch.as_tensor(np.asarray(reference_images, dtype=np.float32), device=device)
         x, scale, size = self.image_processor.preprocess(refs)

@@ -2,8 +2,10 @@
 
 Decoding a NIfTI per sample would starve the GPU, so each subject is first
 preprocessed by :func:`build_cache` into one memory-mapped float16 array
-holding, slice by slice, every volume of one shell. :class:`QID2Dataset` then
-reads ``R + 1`` contiguous planes per sample.
+holding, slice by slice, every volume of one shell (and, for models with a
+physics prior, the tensor-fit prediction of every target from the kept
+directions, and the mean b0). :class:`QID2Dataset` then reads ``R + 1``
+contiguous planes per sample.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import Dataset
 from ..directions import nearest_references
 from ..errors import QID2InputError
 from ..image_processor import QID2ImageProcessor
+from ..tensor import TensorPrior
 from .augment import rotate_bvecs, warp_slices
 from .io import DWI, bvec_voxel_signs, check_enough_directions, nifti_stem, shell_indices, split_acquired
 from .layouts import SubjectPaths
@@ -29,9 +32,10 @@ from .layouts import SubjectPaths
 __all__ = ["build_cache", "QID2Dataset", "CACHE_VERSION"]
 
 #: Bumped whenever the cache format changes, so stale caches are rebuilt.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 _SLICES, _MASK, _META = "slices.npy", "mask.npy", "meta.json"
+_PRIOR, _MEAN_B0 = "prior.npy", "mean_b0.npy"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -76,6 +80,7 @@ def build_cache(
     n_acquired: int = 30,
     axis: int = 2,
     subject_id: str | None = None,
+    prior: bool = False,
 ) -> Path:
     """Preprocess one subject into a memory-mapped training cache (reused when up to date).
 
@@ -88,7 +93,11 @@ def build_cache(
       dipy's ``median_otsu`` of the mean b0);
     - ``meta.json``: parameters, source fingerprint, the shell's bvals and
       bvecs, the acquired/target split (:func:`~qid2_diffusers.data.io.split_acquired`),
-      the slices containing brain and the b-vector voxel signs.
+      the slices containing brain and the b-vector voxel signs;
+    - with ``prior``: ``prior.npy``, float16 ``(n_slices, n_targets, H, W)``,
+      the tensor fit of b0 + the acquired directions (never a target)
+      predicted at each target (:class:`~qid2_diffusers.tensor.TensorPrior`),
+      and ``mean_b0.npy``, float16 ``(n_slices, H, W)``, same unit.
 
     It is written under a temporary name and renamed, so an interrupted build
     never leaves a cache that looks valid.
@@ -101,6 +110,7 @@ def build_cache(
         axis (`int`, *optional*, defaults to 2): voxel axis across which slices are cut (2: axial).
         subject_id (`str`, *optional*): cache name; defaults to the subject's id
             or the image file's stem.
+        prior (`bool`, *optional*, defaults to `False`): also store the physics prior.
 
     Returns:
         `Path`: the cache folder, to pass to :class:`QID2Dataset`.
@@ -118,10 +128,11 @@ def build_cache(
         "shell": float(shell),
         "n_acquired": int(n_acquired),
         "axis": int(axis),
+        "prior": bool(prior),
         "source": _fingerprint(dwi),
     }
     cache_dir = Path(cache_dir)
-    folder = cache_dir / f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}"
+    folder = cache_dir / f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}{'_prior' if prior else ''}"
     if _cache_matches(folder, params):
         return folder
 
@@ -146,6 +157,10 @@ def build_cache(
         column = {int(k): j for j, k in enumerate(members)}
         is_b0 = set(b0.tolist())
         b0_sum = np.zeros(spatial, dtype=np.float64)
+        # b0s + acquired directions, in memory, for the prior's tensor fit.
+        fit_volumes = np.concatenate([b0, members[acquired]]) if prior else np.array([], dtype=np.intp)
+        fit_column = {int(k): j for j, k in enumerate(fit_volumes)}
+        fit_data = np.zeros(spatial + (len(fit_volumes),), dtype=np.float32) if prior else None
         unit = None
         # One pass in file order: a .nii.gz is a stream, and going back means
         # decompressing from the start again.
@@ -159,13 +174,19 @@ def build_cache(
                 unit = float(2.0 ** max(0, int(np.ceil(np.log2(max(peak, 1.0) / _FLOAT16_MAX)))))
             if int(k) in is_b0:
                 b0_sum += vol
+            if int(k) in fit_column:
+                fit_data[..., fit_column[int(k)]] = vol
             if int(k) in column:
                 scaled = np.clip(np.moveaxis(vol, axis, 0) / unit, -_FLOAT16_MAX, _FLOAT16_MAX)
                 slices[:, column[int(k)]] = scaled
         slices.flush()
         del slices
-        mask = np.moveaxis(_brain_mask(dwi, (b0_sum / len(b0)).astype(np.float32)), axis, 0).astype(np.uint8)
+        brain = np.asarray(_brain_mask(dwi, (b0_sum / len(b0)).astype(np.float32)), dtype=bool)
+        mask = np.moveaxis(brain, axis, 0).astype(np.uint8)
         np.save(tmp / _MASK, np.ascontiguousarray(mask))
+        if prior:
+            _write_prior(tmp, fit_data, dwi.bvals[fit_volumes], dwi.bvecs[fit_volumes], brain, shell_bvecs[targets],
+                         axis, unit)
         meta = {
             "params": params,
             "subject_id": subject_id,
@@ -199,6 +220,21 @@ def build_cache(
     return folder
 
 
+def _write_prior(folder: Path, fit_data, bvals, bvecs, mask, target_bvecs, axis: int, unit: float) -> None:
+    """``prior.npy`` and ``mean_b0.npy`` of a cache (see :func:`build_cache`)."""
+    fit = TensorPrior(fit_data, bvals, bvecs, mask)
+    n_slices = fit_data.shape[axis]
+    plane = tuple(s for d, s in enumerate(fit_data.shape[:3]) if d != axis)
+    out = np.lib.format.open_memmap(folder / _PRIOR, mode="w+", dtype=np.float16,
+                                    shape=(n_slices, len(target_bvecs), *plane))
+    for z in range(n_slices):
+        index = tuple(z if d == axis else slice(None) for d in range(3))
+        out[z] = np.clip(np.moveaxis(fit.predict(target_bvecs, index), -1, 0) / unit, 0, _FLOAT16_MAX)
+    out.flush()
+    del out
+    np.save(folder / _MEAN_B0, np.clip(np.moveaxis(fit.mean_b0, axis, 0) / unit, 0, _FLOAT16_MAX).astype(np.float16))
+
+
 def _cache_matches(folder: Path, params: dict) -> bool:
     existing = _read_meta(folder)
     return existing is not None and existing.get("params") == params
@@ -216,6 +252,8 @@ class _Subject:
         self.unit = float(meta["unit"])
         self.voxel_signs = np.asarray(meta["voxel_signs"])
         self.bvecs = np.asarray(meta["shell_bvecs"], dtype=np.float64)
+        self.bvals = np.asarray(meta["shell_bvals"], dtype=np.float64)
+        self.has_prior = bool(meta["params"].get("prior", False))
         acquired = np.asarray(meta["acquired"], dtype=np.intp)
         self.targets = np.asarray(meta["targets"], dtype=np.intp)
         check_enough_directions(len(acquired), num_references, folder)
@@ -224,7 +262,7 @@ class _Subject:
         self.references = acquired[nearest_references(self.bvecs[self.targets], self.bvecs[acquired], num_references)]
         self.brain_slices = np.asarray(meta["brain_slices"], dtype=np.intp)
         self.n_samples = len(self.brain_slices) * len(self.targets)
-        self._slices = self._mask = None
+        self._slices = self._mask = self._prior = self._mean_b0 = None
 
     def arrays(self):
         # Opened on first use, in the process that reads: DataLoader workers
@@ -232,10 +270,18 @@ class _Subject:
         if self._slices is None:
             self._slices = np.load(self.folder / _SLICES, mmap_mode="r")
             self._mask = torch.from_numpy(np.load(self.folder / _MASK))
+            if self.has_prior:
+                self._prior = np.load(self.folder / _PRIOR, mmap_mode="r")
+                self._mean_b0 = np.load(self.folder / _MEAN_B0, mmap_mode="r")
         return self._slices, self._mask
 
+    def conditions(self, z: int, t: int) -> np.ndarray:
+        """The prior of target ``t`` (position in :attr:`targets`) and the mean b0 of slice ``z``, ``(2, H, W)``."""
+        self.arrays()
+        return np.stack([self._prior[z, t], self._mean_b0[z]])
+
     def __getstate__(self):
-        return {**self.__dict__, "_slices": None, "_mask": None}
+        return {**self.__dict__, "_slices": None, "_mask": None, "_prior": None, "_mean_b0": None}
 
 
 class QID2Dataset(Dataset):
@@ -251,7 +297,11 @@ class QID2Dataset(Dataset):
     - ``target_bvec`` `(3,)` and ``reference_bvecs`` `(R, 3)`: the references
       are the R acquired directions nearest the target
       (:func:`~qid2_diffusers.directions.nearest_references`);
-    - ``mask`` `(1, H, W)`: brain mask, 0 or 1.
+    - ``mask`` `(1, H, W)`: brain mask, 0 or 1;
+    - ``target_bvals`` `()` and ``reference_bvals`` `(R,)`: b-values (s/mm²);
+    - with ``physics_prior``: ``prior`` `(1, H, W)`, the tensor-fit prediction
+      of the target from the kept directions, and ``b0`` `(1, H, W)`, the mean
+      b0, normalised by the references' scale (caches built with ``prior=True``).
 
     With ``augment``, every item is rotated in-plane by an angle drawn
     uniformly in ``[-rotation_degrees, rotation_degrees]`` degrees and scaled by
@@ -266,6 +316,7 @@ class QID2Dataset(Dataset):
         seed (`int`, *optional*, defaults to 0): augmentation seed.
         rotation_degrees (`float`, *optional*, defaults to 15.0): largest rotation, in degrees.
         scale_range (`tuple[float, float]`, *optional*, defaults to `(0.9, 1.1)`): zoom range.
+        physics_prior (`bool`, *optional*, defaults to `False`): add ``prior`` and ``b0``.
     """
 
     def __init__(
@@ -277,12 +328,17 @@ class QID2Dataset(Dataset):
         seed: int = 0,
         rotation_degrees: float = 15.0,
         scale_range: tuple[float, float] = (0.9, 1.1),
+        physics_prior: bool = False,
     ):
         if isinstance(cache_paths, (str, os.PathLike)):
             cache_paths = [cache_paths]
         self.subjects = [_Subject(Path(p), num_references) for p in cache_paths]
         if not self.subjects:
             raise ValueError("no cache folders given")
+        self.physics_prior = bool(physics_prior)
+        for subject in self.subjects:
+            if self.physics_prior and not subject.has_prior:
+                raise QID2InputError(subject.folder, "cache has no physics prior (build_cache(..., prior=True))")
         self.num_references = num_references
         self.augment = augment
         self.seed = int(seed)
@@ -320,6 +376,9 @@ class QID2Dataset(Dataset):
         slices, masks = subject.arrays()
         # torch converts float16 several times faster than numpy's astype.
         images = torch.from_numpy(slices[z, volumes]).float()
+        n_planes = len(volumes)
+        if self.physics_prior:
+            images = torch.cat([images, torch.from_numpy(subject.conditions(z, t)).float()])
         mask = masks[z][None].float()
         bvecs = subject.bvecs[volumes]
         if self.augment:
@@ -328,14 +387,21 @@ class QID2Dataset(Dataset):
             zoom = rng.uniform(*self.scale_range)
             images, mask = warp_slices(images, angle, zoom, mask=mask)
             bvecs = rotate_bvecs(bvecs, angle, axis=subject.axis, voxel_signs=subject.voxel_signs)
-        scale = QID2ImageProcessor.scale(images[None, 1:])[0]
+        scale = QID2ImageProcessor.scale(images[None, 1:n_planes])[0]
         images = QID2ImageProcessor.normalize(images, scale)
         bvecs = torch.from_numpy(bvecs.astype(np.float32))
-        return {
+        bvals = torch.from_numpy(subject.bvals[volumes].astype(np.float32))
+        item = {
             "target": images[:1],
-            "references": images[1:],
+            "references": images[1:n_planes],
             "scale": scale * subject.unit,
             "target_bvec": bvecs[0],
             "reference_bvecs": bvecs[1:],
+            "target_bvals": bvals[0],
+            "reference_bvals": bvals[1:],
             "mask": mask,
         }
+        if self.physics_prior:
+            item["prior"] = images[n_planes : n_planes + 1]
+            item["b0"] = images[n_planes + 1 :]
+        return item

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DConditionModel
 
-__all__ = ["PRESETS", "unet_config", "build_unet", "num_references_of"]
+__all__ = ["PRESETS", "PRIOR_CHANNELS", "unet_config", "build_unet"]
 
 #: Channel widths and head sizes. ``paper`` is the paper's §2.3 network
 #: ([128, 128, 256], one residual block per level); ``small`` trains on two
@@ -22,11 +22,21 @@ PRESETS = {
 }
 
 
-def unet_config(preset: str = "small", num_references: int = 3) -> dict:
+#: Condition channels added by the physics prior: the tensor-fit prediction of
+#: the target slice and the mean b0 slice.
+PRIOR_CHANNELS = 2
+
+
+def unet_config(preset: str = "small", num_references: int = 3, *, physics_prior: bool = False) -> dict:
     """``UNet2DConditionModel`` keyword arguments for a preset and R.
 
     Input channels are the noisy target plus the R reference slices,
-    concatenated as in the paper; the output is the one target channel.
+    concatenated as in the paper; the output is the one target channel. With
+    ``physics_prior`` two more channels follow the references: the tensor-fit
+    prediction of the target slice from every kept direction and the mean b0
+    (:data:`PRIOR_CHANNELS`); the network then models the residual
+    target - prior, so with nothing to add it falls back to the fit. The
+    paper's configuration is ``physics_prior=False``.
     Every transformer block at every resolution is ``only_cross_attention``:
     its attentions look at the R + 1 direction tokens, then a feed-forward
     layer follows, as in the paper's encoder block. Self-attention over
@@ -42,7 +52,7 @@ def unet_config(preset: str = "small", num_references: int = 3) -> dict:
     levels = len(p["block_out_channels"])
     return dict(
         sample_size=None,
-        in_channels=1 + num_references,
+        in_channels=1 + num_references + (PRIOR_CHANNELS if physics_prior else 0),
         out_channels=1,
         down_block_types=("CrossAttnDownBlock2D",) * levels,
         up_block_types=("CrossAttnUpBlock2D",) * levels,
@@ -57,11 +67,7 @@ def unet_config(preset: str = "small", num_references: int = 3) -> dict:
     )
 
 
-def build_unet(preset: str = "small", num_references: int = 3) -> UNet2DConditionModel:
+def build_unet(preset: str = "small", num_references: int = 3, *, physics_prior: bool = False) -> UNet2DConditionModel:
     """A freshly initialised denoiser for a preset and R."""
-    return UNet2DConditionModel(**unet_config(preset, num_references))
+    return UNet2DConditionModel(**unet_config(preset, num_references, physics_prior=physics_prior))
 
-
-def num_references_of(unet: UNet2DConditionModel) -> int:
-    """R, read back from a denoiser's configuration."""
-    return int(unet.config.in_channels) - 1

@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processor import QID2ImageProcessor
 from ..models.direction_encoder import DirectionEncoder
-from ..models.unet import num_references_of
+from ..models.unet import PRIOR_CHANNELS
 
 __all__ = ["QID2Pipeline", "QID2PipelineOutput"]
 
@@ -40,6 +40,8 @@ class QID2PipelineOutput(BaseOutput):
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
+    if x is None:
+        raise ValueError(f"{name} are required by this model")
     if isinstance(x, (list, tuple)) and len({tuple(np.shape(v)) for v in x}) > 1:
         raise ValueError(f"{name} have different shapes: {sorted({tuple(np.shape(v)) for v in x})}")
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
@@ -65,6 +67,11 @@ class QID2Pipeline(DiffusionPipeline):
             [`DPMSolverMultistepScheduler`], [`UniPCMultistepScheduler`].
         default_num_inference_steps (`int`, *optional*, defaults to 1000):
             steps used when a call does not say.
+        physics_prior (`bool`, *optional*, defaults to `False`): the U-Net also
+            sees a tensor-fit prediction of each target slice (``prior_images``)
+            and the mean b0 (``b0_images``), and models the residual
+            target - prior: with nothing to add it returns the fit. `False` is
+            the paper's configuration.
 
     Example:
 
@@ -85,21 +92,35 @@ class QID2Pipeline(DiffusionPipeline):
         direction_encoder: DirectionEncoder,
         scheduler: SchedulerMixin,
         default_num_inference_steps: int = 1000,
+        physics_prior: bool = False,
     ):
         super().__init__()
-        if direction_encoder.config.num_references != num_references_of(unet):
+        r = direction_encoder.config.num_references
+        expected = 1 + r + (PRIOR_CHANNELS if physics_prior else 0)
+        if unet.config.in_channels != expected:
+            prior = f" + {PRIOR_CHANNELS} prior channels" if physics_prior else ""
             raise ValueError(
-                f"direction encoder is for R = {direction_encoder.config.num_references} "
-                f"but the U-Net takes R = {num_references_of(unet)} reference channels"
+                f"direction encoder is for R = {r}, so the U-Net should take 1 + {r}{prior} = {expected} "
+                f"input channels; it takes {unet.config.in_channels}"
             )
         self.register_modules(unet=unet, direction_encoder=direction_encoder, scheduler=scheduler)
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps, physics_prior=bool(physics_prior))
         self.image_processor = QID2ImageProcessor.for_unet(unet)
 
     @property
     def num_references(self) -> int:
         """R, the number of reference slices this model was trained with."""
-        return num_references_of(self.unet)
+        return int(self.direction_encoder.config.num_references)
+
+    @property
+    def physics_prior(self) -> bool:
+        """Whether the model takes a tensor-fit prior and the mean b0 (see the class docstring)."""
+        return bool(self.config.get("physics_prior", False))
+
+    @property
+    def bval_conditioning(self) -> bool:
+        """Whether the direction tokens carry b-values (one model for every shell)."""
+        return bool(self.direction_encoder.config.get("bval_conditioning", False))
 
     @staticmethod
     def default_model_path(num_references: int = 3) -> str:
@@ -137,6 +158,35 @@ class QID2Pipeline(DiffusionPipeline):
                 raise ValueError(f"a {name} b-vector has zero length")
         return refs, rb, tb
 
+    def _prepare_bvals(self, target_bvals, reference_bvals, b: int, r: int):
+        if not self.bval_conditioning:
+            return None, None
+        if target_bvals is None or reference_bvals is None:
+            raise ValueError("this model is b-conditioned: give target_bvals and reference_bvals (s/mm²)")
+        tv = torch.as_tensor(np.asarray(target_bvals, dtype=np.float32)).reshape(-1)
+        rv = torch.as_tensor(np.asarray(reference_bvals, dtype=np.float32))
+        tv = tv.expand(b) if tv.numel() == 1 else tv
+        rv = rv.reshape(1, 1).expand(b, r) if rv.numel() == 1 else (rv[None].expand(b, -1) if rv.ndim == 1 else rv)
+        if tv.shape != (b,) or rv.shape != (b, r):
+            raise ValueError(f"b-values must be scalars or of shape ({b},) and ({b}, {r}), got "
+                             f"{tuple(tv.shape)} and {tuple(rv.shape)}")
+        if not (torch.all(torch.isfinite(tv)) and torch.all(torch.isfinite(rv))) or torch.any(tv <= 0) or torch.any(rv <= 0):
+            raise ValueError("b-values must be finite and positive")
+        return tv, rv
+
+    def _prepare_conditions(self, prior_images, b0_images, refs):
+        if not self.physics_prior:
+            return None
+        b, _, h, w = refs.shape
+        images = []
+        for name, x in (("prior images", prior_images), ("b0 images", b0_images)):
+            t = _as_tensor(x, name)
+            t = t[None] if t.ndim == 2 else t
+            if t.shape != (b, h, w):
+                raise ValueError(f"{name} must be ({h}, {w}) or ({b}, {h}, {w}) like the references, got {tuple(t.shape)}")
+            images.append(t)
+        return torch.stack(images, dim=1)
+
     def prepare_extra_step_kwargs(self, generator, eta):
         # Schedulers differ in signature; passing the generator to step() is
         # what makes stochastic samplers (DDPM) reproducible from a seed.
@@ -154,6 +204,10 @@ class QID2Pipeline(DiffusionPipeline):
         reference_images,
         reference_bvecs,
         target_bvecs,
+        prior_images=None,
+        b0_images=None,
+        target_bvals=None,
+        reference_bvals=None,
         num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_samples: int = 1,
@@ -172,6 +226,15 @@ class QID2Pipeline(DiffusionPipeline):
                 scanner units. Any in-plane size: padding is internal.
             reference_bvecs (`array-like` of shape `(R, 3)` or `(B, R, 3)`): their directions.
             target_bvecs (`array-like` of shape `(3,)` or `(B, 3)`): the directions to synthesise.
+            prior_images (`array-like` of shape `(H, W)` or `(B, H, W)`, *optional*):
+                for a ``physics_prior`` model, the tensor-fit prediction of each
+                target slice from every kept direction (never from the target
+                itself), in scanner units; see :func:`qid2_diffusers.prior.tensor_prior`.
+            b0_images (`array-like` of shape `(H, W)` or `(B, H, W)`, *optional*):
+                for a ``physics_prior`` model, the mean b0 slice, in scanner units.
+            target_bvals (`float` or `array-like` of shape `(B,)`, *optional*),
+            reference_bvals (`float` or `array-like` of shape `(R,)` or `(B, R)`, *optional*):
+                b-values (s/mm²), required by a b-conditioned model.
             num_inference_steps (`int`, *optional*):
                 denoising steps; defaults to the pipeline's ``default_num_inference_steps``.
             generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
@@ -201,16 +264,24 @@ class QID2Pipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         refs, rb, tb = self._prepare_inputs(reference_images, reference_bvecs, target_bvecs)
-        b = refs.shape[0]
-        refs_n, scale, size = self.image_processor.preprocess(refs.to(device))
-        tokens = self.direction_encoder(tb.to(device), rb.to(device)).to(dtype)
+        b, r = refs.shape[:2]
+        tv, rv = self._prepare_bvals(target_bvals, reference_bvals, b, r)
+        conditions = self._prepare_conditions(prior_images, b0_images, refs)
+        x, scale, size = self.image_processor.preprocess(refs.to(device), None if conditions is None else conditions.to(device))
+        scale = scale.to(device)
+        tokens = self.direction_encoder(
+            tb.to(device), rb.to(device), None if tv is None else tv.to(device), None if rv is None else rv.to(device)
+        ).to(dtype)
+        # The prior channel, in the network's units: the sample is the residual
+        # to it, so the result is prior + sample.
+        prior_n = x[:, r : r + 1].float() if self.physics_prior else None
 
         # Each sample is its own batch row, so a batch of B targets with S
         # samples is one network call per step.
         s = num_samples
-        refs_n = refs_n.to(dtype).repeat_interleave(s, dim=0)
+        cond = x.to(dtype).repeat_interleave(s, dim=0)
         tokens = tokens.repeat_interleave(s, dim=0)
-        shape = (b * s, 1, *refs_n.shape[-2:])
+        shape = (b * s, 1, *cond.shape[-2:])
         if isinstance(generator, list) and len(generator) != b * s:
             raise ValueError(f"got {len(generator)} generators for {b} targets x {s} samples")
         # Latents and scheduler arithmetic stay in float32 whatever the
@@ -224,7 +295,7 @@ class QID2Pipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(steps, device=device)
         extra = self.prepare_extra_step_kwargs(generator, eta)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_in = torch.cat([self.scheduler.scale_model_input(latents, t).to(dtype), refs_n], dim=1)
+            model_in = torch.cat([self.scheduler.scale_model_input(latents, t).to(dtype), cond], dim=1)
             # channels_last: the layout cuDNN's and oneDNN's convolution kernels prefer.
             model_in = model_in.contiguous(memory_format=torch.channels_last)
             pred = self.unet(model_in, t, encoder_hidden_states=tokens).sample.float()
@@ -233,7 +304,10 @@ class QID2Pipeline(DiffusionPipeline):
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                 latents = out.get("latents", latents)
 
-        x = self.image_processor.postprocess(latents, scale.repeat_interleave(s, dim=0), size).view(b, s, *size)
+        out = latents.float()
+        if prior_n is not None:
+            out = out + prior_n.repeat_interleave(s, dim=0)
+        x = self.image_processor.postprocess(out, scale.repeat_interleave(s, dim=0), size).view(b, s, *size)
         images = x.mean(dim=1)
         samples = x if s > 1 else None
         std = x.std(dim=1) if s > 1 else None

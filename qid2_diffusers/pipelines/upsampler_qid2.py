@@ -45,7 +45,12 @@ class QID2Upsampler(SliceUpsampler):
     def num_references(self) -> int:
         return self.pipeline.num_references
 
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys):
+    @property
+    def physics_prior(self) -> bool:
+        return self.pipeline.physics_prior
+
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, *, prior_images=None,
+                      b0_images=None, target_bvals=None, reference_bvals=None):
         gens = [
             torch.Generator().manual_seed(sample_seed(self.seed, target_index, slice_index, k))
             for target_index, slice_index in keys
@@ -55,6 +60,10 @@ class QID2Upsampler(SliceUpsampler):
             reference_images,
             reference_bvecs,
             target_bvecs,
+            prior_images=prior_images,
+            b0_images=b0_images,
+            target_bvals=target_bvals,
+            reference_bvals=reference_bvals,
             num_inference_steps=self.num_inference_steps,
             generator=gens,
             num_samples=self.num_samples,

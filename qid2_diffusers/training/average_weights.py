@@ -29,7 +29,7 @@ from ..errors import QID2InputError
 from ..hub import resolve_model
 from ..pipelines import QID2Pipeline
 from ..schedulers import SCHEDULERS, make_scheduler
-from .config import command_line, run
+from .config import command_line, number_list, run
 from .reporting import cast_for_saving, metrics_table, save_pretrained_atomic, write_json
 from .validation import Validator, write_validation_figure
 
@@ -46,9 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--validation_data_dir", help="held-out subjects to score the average on (HCP or BIDS root)")
     p.add_argument("--cache_dir", help="slice caches of the validation subjects (default: OUTPUT_DIR/cache)")
     p.add_argument("--validation_num_slices", type=int, default=2)
-    p.add_argument("--shell", type=float, default=1000.0)
-    p.add_argument("--n_acquired", type=int, default=30)
+    p.add_argument("--shells", type=number_list(float), default=[1000.0], help="shells to validate on (default 1000)")
+    p.add_argument("--n_acquired", type=int, default=30, help="directions kept in validation (default 30)")
     args = p.parse_args(argv)
+    args.validation_n_acquired = args.n_acquired
     if len(args.inputs) < 2:
         p.error("--inputs needs at least two pipelines to average")
     return args

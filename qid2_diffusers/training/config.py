@@ -17,6 +17,8 @@ __all__ = [
     "base_parser",
     "parse_args",
     "training_args",
+    "number_list",
+    "data_settings",
     "load_config",
     "command_line",
     "run",
@@ -31,6 +33,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: the other ignores them, so one YAML can drive QID² and the GANs.
 SCRIPT_SPECIFIC = {
     "prediction_type", "inference_scheduler", "validation_num_inference_steps",  # QID²
+    "physics_prior", "bval_conditioning", "timestep_bias_portion",  # QID²
     "model", "lambda_adversarial", "lambda_l1", "discriminator_update_interval",  # GANs
 }
 
@@ -52,8 +55,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="Root of held-out subjects; without it the last --num_validation_subjects of --data_dir are held out.")
     g.add_argument("--num_validation_subjects", type=int, default=1)
     g.add_argument("--cache_dir", type=str, default=None, help="Preprocessed slice caches; defaults to OUTPUT_DIR/cache.")
-    g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to learn.")
-    g.add_argument("--n_acquired", type=int, default=30, help="Directions of the shell kept as acquired; the rest are targets.")
+    g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to learn (see --shells).")
+    g.add_argument("--shells", type=number_list(float), default=None,
+                   help="Several shells to learn, e.g. 1000,2000,3000 (QID² needs --bval_conditioning); overrides --shell.")
+    g.add_argument("--n_acquired", type=number_list(int), default=[30],
+                   help="Directions of the shell kept as acquired, the rest being targets; several values "
+                        "(e.g. 10,15,20,30,45) train on each, so the model meets sparse and dense acquisitions.")
+    g.add_argument("--validation_n_acquired", type=int, default=None,
+                   help="Directions kept in validation; default: the first of --n_acquired.")
     g.add_argument("--R", type=int, default=3, help="Reference slices per target.")
     g.add_argument("--augment", dest="augment", action="store_true", default=True,
                    help="Random in-plane rotation (±15°) and scaling (0.9-1.1), b-vectors rotated along.")
@@ -116,6 +125,29 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--hub_token", type=str, default=None)
     g.add_argument("--hub_private_repo", action="store_true")
     return p
+
+
+def number_list(kind):
+    """An argparse type for one number or a comma-separated list of them."""
+
+    def parse(text):
+        try:
+            return [kind(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def data_settings(args) -> argparse.Namespace:
+    """Shells and kept-direction counts as lists (one number or several, from the command line or YAML)."""
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731
+    args.shells = [float(b) for b in as_list(args.shells if args.shells is not None else args.shell)]
+    args.n_acquired = [int(n) for n in as_list(args.n_acquired)]
+    if args.validation_n_acquired is None:
+        args.validation_n_acquired = args.n_acquired[0]
+    return args
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

@@ -154,11 +154,14 @@ def load_training_data(args, accelerator) -> TrainingData:
     train_subjects, validation_subjects = split_subjects(args)
     with accelerator.main_process_first():
         # Threads: decompressing NIfTI releases the GIL, and a cohort is cached in a fraction of the time.
-        with ThreadPoolExecutor(max_workers=min(len(train_subjects), os.cpu_count() or 1, 8)) as pool:
+        # One cache per subject, shell and kept-direction count.
+        jobs = [(s, b, n) for s in train_subjects for b in args.shells for n in args.n_acquired]
+        prior = getattr(args, "physics_prior", False)
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 8)) as pool:
             caches = list(pool.map(
-                lambda s: build_cache(s, args.cache_dir, shell=args.shell, n_acquired=args.n_acquired), train_subjects
+                lambda job: build_cache(job[0], args.cache_dir, shell=job[1], n_acquired=job[2], prior=prior), jobs
             ))
-    dataset = QID2Dataset(caches, num_references=args.R, augment=args.augment, seed=args.seed)
+    dataset = QID2Dataset(caches, num_references=args.R, augment=args.augment, seed=args.seed, physics_prior=prior)
     return TrainingData.from_dataset(
         dataset, args, accelerator.num_processes,
         train_ids=[s.subject_id for s in train_subjects],

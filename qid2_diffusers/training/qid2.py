@@ -41,7 +41,8 @@ from ..pipelines import QID2Upsampler
 from .reporting import CARD_TAGS, MODEL_CARD_TEMPLATE, cast_for_saving, save_pretrained_atomic
 from .trainer import Trainer, masked_mean
 
-__all__ = ["QID2Denoiser", "QID2Trainer", "diffusion_loss", "make_pipeline", "main", "DEFAULT_LEARNING_RATE"]
+__all__ = ["QID2Denoiser", "QID2Trainer", "diffusion_loss", "sample_timesteps", "make_pipeline", "main",
+           "DEFAULT_LEARNING_RATE"]
 
 #: Learning rate when neither the command line nor the config gives one
 #: (diffusers' unconditional example; the paper's 2.5e-5 is in configs/paper.yaml).
@@ -56,18 +57,37 @@ class QID2Denoiser(nn.Module):
         self.unet = unet
         self.direction_encoder = direction_encoder
 
-    def forward(self, noisy, references, timesteps, target_bvecs, reference_bvecs):
-        tokens = self.direction_encoder(target_bvecs, reference_bvecs).to(noisy.dtype)
-        return self.unet(torch.cat([noisy, references], dim=1), timesteps, encoder_hidden_states=tokens).sample
+    def forward(self, noisy, conditions, timesteps, target_bvecs, reference_bvecs, target_bvals=None,
+                reference_bvals=None):
+        tokens = self.direction_encoder(target_bvecs, reference_bvecs, target_bvals, reference_bvals).to(noisy.dtype)
+        return self.unet(torch.cat([noisy, conditions], dim=1), timesteps, encoder_hidden_states=tokens).sample
 
 
-def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, masked: bool = True) -> torch.Tensor:
+def sample_timesteps(scheduler, n: int, generator: torch.Generator, bias_portion: float = 0.0) -> torch.Tensor:
+    """Uniform training timesteps, a ``bias_portion`` of them from the noisiest quarter.
+
+    A one-step sampler only ever evaluates the network at the last timestep,
+    so part of the budget goes where it is used; the rest keeps every noise
+    level trained, so multi-step sampling still works.
+    """
+    total = scheduler.config.num_train_timesteps
+    t = torch.randint(0, total, (n,), generator=generator)
+    if bias_portion > 0:
+        late = torch.randint(total - total // 4, total, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < bias_portion, late, t)
+    return t
+
+
+def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, masked: bool = True,
+                   timestep_bias_portion: float = 0.0) -> torch.Tensor:
     """MSE between the denoiser's output and its target for the scheduler's prediction type.
 
-    Target and references are padded together by the pipeline's
+    Target and conditions are padded together by the pipeline's
     :class:`~qid2_diffusers.image_processor.QID2ImageProcessor`, and the noise
     is drawn at the padded size, as at sampling time; the error is taken on the
-    unpadded slice, inside the brain mask when ``masked``.
+    unpadded slice, inside the brain mask when ``masked``. With a physics
+    prior in the batch (``prior``, ``b0``) the clean sample is the residual
+    target - prior, as the pipeline adds the prior back after sampling.
 
     Args:
         denoiser (`QID2Denoiser`): possibly wrapped by Accelerate.
@@ -75,15 +95,20 @@ def diffusion_loss(denoiser, scheduler, batch, generator: torch.Generator, *, ma
         batch (`dict`): a :class:`~qid2_diffusers.data.dataset.QID2Dataset` batch.
         generator (`torch.Generator`): CPU generator for the noise and timesteps.
         masked (`bool`, *optional*, defaults to `True`): restrict the mean to the brain mask.
+        timestep_bias_portion (`float`, *optional*, defaults to 0): see :func:`sample_timesteps`.
     """
     processor = QID2ImageProcessor.for_unet(getattr(denoiser, "module", denoiser).unet)
-    x, size = processor.pad(torch.cat([batch["target"], batch["references"]], dim=1))
-    clean, references = x[:, :1], x[:, 1:]
+    with_prior = "prior" in batch
+    parts = [batch["target"], batch["references"]] + ([batch["prior"], batch["b0"]] if with_prior else [])
+    x, size = processor.pad(torch.cat(parts, dim=1))
+    clean, conditions = x[:, :1], x[:, 1:]
+    if with_prior:
+        clean = clean - conditions[:, batch["references"].shape[1] :][:, :1]
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
-    timesteps = timesteps.to(clean.device)
+    timesteps = sample_timesteps(scheduler, clean.shape[0], generator, timestep_bias_portion).to(clean.device)
     noisy = scheduler.add_noise(clean, noise, timesteps)
-    pred = denoiser(noisy, references, timesteps, batch["target_bvec"], batch["reference_bvecs"])
+    bvals = {k: batch[k] for k in ("target_bvals", "reference_bvals") if k in batch}
+    pred = denoiser(noisy, conditions, timesteps, batch["target_bvec"], batch["reference_bvecs"], **bvals)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         goal = noise
@@ -102,6 +127,7 @@ def make_pipeline(denoiser, training_scheduler, args) -> QID2Pipeline:
         direction_encoder=denoiser.direction_encoder,
         scheduler=make_scheduler(args.inference_scheduler, training_scheduler.config),
         default_num_inference_steps=args.validation_num_inference_steps,
+        physics_prior=args.physics_prior,
     )
 
 
@@ -137,12 +163,22 @@ class QID2Trainer(Trainer):
                        help="Sampler used for validation and saved with the pipeline.")
         g.add_argument("--validation_num_inference_steps", type=int, default=20,
                        help="Sampling steps for validation; also the saved pipeline's default.")
+        g.add_argument("--physics_prior", action="store_true",
+                       help="Condition on the tensor-fit prediction of the target from the kept directions and the "
+                            "mean b0, and learn the residual target - prior (off: the paper's configuration).")
+        g.add_argument("--bval_conditioning", action="store_true",
+                       help="Direction tokens carry b, so one model serves every shell of --shells.")
+        g.add_argument("--timestep_bias_portion", type=float, default=0.0,
+                       help="Fraction of training timesteps drawn from the noisiest quarter of the schedule, where "
+                            "few-step samplers start (0: uniform, as in the paper).")
 
     @classmethod
     def complete_args(cls, args, error):
         args = super().complete_args(args, error)
         if args.learning_rate is None:
             args.learning_rate = DEFAULT_LEARNING_RATE
+        if len(args.shells) > 1 and not args.bval_conditioning:
+            error("several --shells need --bval_conditioning: the model must know which shell it up-samples")
         return args
 
     @property
@@ -153,7 +189,8 @@ class QID2Trainer(Trainer):
         """The networks to train: the given pipeline, a saved one to fine-tune, or a fresh preset."""
         args = self.args
         if self.pipeline is None and not args.pretrained_model_name_or_path:
-            return build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed)
+            return build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed,
+                                  physics_prior=args.physics_prior, bval_conditioning=args.bval_conditioning)
         # Float32 for training even if it was saved fp16; the training schedule is
         # rebuilt, so --prediction_type must match the one it was trained with.
         if self.pipeline is None:
@@ -163,6 +200,9 @@ class QID2Trainer(Trainer):
             source, pipe = "pipeline", self.pipeline
         if pipe.num_references != args.R:
             raise QID2InputError(source, f"was trained for R = {pipe.num_references}, not --R {args.R}")
+        for flag in ("physics_prior", "bval_conditioning"):
+            if getattr(pipe, flag) != getattr(args, flag):
+                raise QID2InputError(source, f"has {flag} = {getattr(pipe, flag)}; set --{flag} to match")
         if pipe.scheduler.config.prediction_type != args.prediction_type:
             raise QID2InputError(
                 source, f"predicts {pipe.scheduler.config.prediction_type}, not --prediction_type {args.prediction_type}"
@@ -177,7 +217,7 @@ class QID2Trainer(Trainer):
 
     def training_step(self, batch, generator):
         return diffusion_loss(self.models["denoiser"], self.noise_scheduler, batch, generator,
-                              masked=not self.args.unmasked_loss)
+                              masked=not self.args.unmasked_loss, timestep_bias_portion=self.args.timestep_bias_portion)
 
     def make_upsampler(self):
         return QID2Upsampler(

@@ -71,10 +71,11 @@ def run_fields(args, accelerator, data, state, schedule, stop_reason: str, valid
     if validator is not None and state.validation:
         rows = {model_label: state.validation}
         rows.update({method_label(k, args.R): v for k, v in validator.baselines.items()})
-        slices = "; ".join(f"{it['subject_id']}: axial slices {it['slices']}" for it in validator.items)
+        slices = "; ".join(dict.fromkeys(f"{it['subject_id']}: axial slices {it['slices']}" for it in validator.items))
+        shells = ", ".join(f"{b:g}" for b in args.shells)
         description = (
-            f"Held-out subject(s), {slices}. Each slice's {args.n_acquired} acquired directions are the input and the "
-            "other directions of the shell the targets. Image SSIM (per slice, inside the brain mask), PSNR and NRMSE "
+            f"Held-out subject(s), {slices}; b = {shells} s/mm². Each slice's {args.validation_n_acquired} acquired "
+            "directions of a shell are the input and the other directions of the shell the targets. Image SSIM (per slice, inside the brain mask), PSNR and NRMSE "
             "compare the predicted with the acquired target volumes; FA MAE, FA-map SSIM, MD MAE (mm²/s) and "
             "principal-direction error (degrees, where FA > 0.2) compare a tensor fit on b0 + acquired + predicted with "
             f"one on the full acquisition (`qid2_diffusers.evaluation.SubjectEvaluation`). Step {state.validation['step']}, "
@@ -110,8 +111,8 @@ def run_fields(args, accelerator, data, state, schedule, stop_reason: str, valid
         "stop_reason": stop_reason,
         "wall_time": format_duration(state.elapsed_seconds),
         "save_dtype": "float16" if args.save_dtype == "fp16" else "float32",
-        "shell": f"{args.shell:g}",
-        "n_acquired": args.n_acquired,
+        "shell": ", ".join(f"{b:g}" for b in args.shells),
+        "n_acquired": ", ".join(str(n) for n in args.n_acquired),
         "num_references": args.R,
         "validation_description": description,
         "validation_table": table,

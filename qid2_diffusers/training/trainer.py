@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QID2InputError
 from .checkpoints import Clock, RunState, resume, save_checkpoint
-from .config import base_parser, command_line, parse_args, run, tracker_config, training_args
+from .config import base_parser, command_line, data_settings, parse_args, run, tracker_config, training_args
 from .data import TrainingData, batches, load_training_data, make_schedule, random_crops, step_generator
 from .reporting import CARD_TAGS, dump_weights, push_to_hub, run_fields, summary, write_json, write_model_card
 from .validation import Validator, validate
@@ -166,7 +166,7 @@ class Trainer:
         """Check ``args`` and fill defaults that depend on other arguments; ``error(message)`` does not return."""
         if args.gradient_accumulation_steps < 1 or args.train_batch_size < 1:
             error("--train_batch_size and --gradient_accumulation_steps must be >= 1")
-        return args
+        return data_settings(args)
 
     @classmethod
     def parser(cls):

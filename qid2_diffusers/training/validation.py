@@ -38,22 +38,23 @@ class Validator:
 
     Args:
         subjects (`list` of `SubjectPaths`): held-out subjects.
-        args: the parsed arguments (``cache_dir``, ``shell``, ``n_acquired``, ``R``, ``validation_num_slices``).
+        args: the parsed arguments (``cache_dir``, ``shells``, ``validation_n_acquired``, ``R``,
+            ``validation_num_slices``); every shell of every subject is scored.
         figure_targets (`int`, *optional*, defaults to 4): target rows in the figure.
     """
 
     def __init__(self, subjects, args, *, figure_targets: int = 4):
         self.num_references = args.R
         self.figure_targets = figure_targets
-        self.items = [self._prepare(s, args) for s in subjects]
+        self.items = [self._prepare(s, shell, args) for s in subjects for shell in args.shells]
         self.baselines = {
             "interp": self.run(InterpUpsampler(args.R))[0],
             "dti": self.run(DTIUpsampler())[0],
         }
 
     @staticmethod
-    def _prepare(subject, args) -> dict:
-        cache = build_cache(subject, args.cache_dir, shell=args.shell, n_acquired=args.n_acquired)
+    def _prepare(subject, shell, args) -> dict:
+        cache = build_cache(subject, args.cache_dir, shell=shell, n_acquired=args.validation_n_acquired)
         meta = json.loads((cache / "meta.json").read_text())
         mask = np.moveaxis(np.load(cache / "mask.npy"), 0, 2).astype(bool)
         brain = np.asarray(meta["brain_slices"])
