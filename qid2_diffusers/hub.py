@@ -186,6 +186,7 @@ def with_scheduler(pipeline, name: str | None):
         direction_encoder=pipeline.direction_encoder,
         scheduler=make_scheduler(name, pipeline.scheduler.config),
         default_num_inference_steps=pipeline.config.default_num_inference_steps,
+        physics_prior=pipeline.physics_prior,
     )
 
 
