@@ -2,12 +2,13 @@
 
 Run ``python app.py`` (or ``gradio app.py``) and open the printed address.
 Load a DWI series (NIfTI + FSL bval/bvec) or the seeded phantom example, pick
-a slice and a target direction, and generate: the demo shows the R reference
-slices the model sees, the synthesised slice, the truth when it is known (the
-phantom), an uncertainty map when several samples are drawn, FA before and
-after up-sampling on that slice, and offers the whole up-sampled series for
-download. Every number comes from the package's own functions, the same ones
-``qid2 upsample`` runs.
+a shell, an axial slice and a target direction, and generate: the demo shows the
+R reference slices the model sees, the synthesised slice, the truth when it is
+known (the phantom), an uncertainty map when several samples are drawn, FA
+before and after up-sampling on that slice, and offers the up-sampled series
+(every shell, or one) for download. Slices are shown in the orientation the
+model works in, whatever the file's. Every number comes from the package's own
+functions, the same ones ``qid2 upsample`` runs.
 
 The model is the shipped one unless ``QID2_DEMO_MODEL`` names a folder or a
 Hugging Face Hub id (or ``build_demo(model=...)`` is called).
@@ -19,7 +20,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,15 +30,22 @@ import gradio as gr
 import numpy as np
 
 from qid2_diffusers import QID2Upsampler
-from qid2_diffusers.data.io import extract_shell, load_dwi
+from qid2_diffusers.data.io import DWI, load_dwi
+from qid2_diffusers.data.series import WorkingSeries, read_series
 from qid2_diffusers.directions import angular_distance, nearest_references, normalize_bvecs
-from qid2_diffusers.errors import QID2InputError
+from qid2_diffusers.errors import QID2InputError, QID2InputWarning
 from qid2_diffusers.evaluation import tensor_metrics
 from qid2_diffusers.example import make_example
 from qid2_diffusers.gradients import split_scheme
 from qid2_diffusers.hub import load_pipeline, model_num_references, resolve_model, with_scheduler
-from qid2_diffusers.inference import TRAINED_SHELL, choose_targets, outside_training_shell, upsample_dwi
-from qid2_diffusers.masking import brain_mask
+from qid2_diffusers.inference import (
+    TRAINED_SHELL,
+    ShellPlan,
+    plan_shells,
+    shell_seed,
+    training_shell_warning,
+    upsample_dwi,
+)
 from qid2_diffusers.schedulers import SCHEDULERS
 from qid2_diffusers.tensor import TensorMaps, fit_tensor
 
@@ -49,18 +59,21 @@ LAUNCH_KWARGS = {"max_file_size": MAX_FILE_SIZE}
 #: Displayed slices are enlarged (nearest neighbour, whole pixels) to at least this many pixels.
 DISPLAY_PIXELS = 288
 SAVED_SCHEDULER = "saved with the model"
+ALL_SHELLS = "all shells"
 
 
 @dataclass
 class Session:
-    """One user's loaded series. Arrays are small: the image itself stays on disk.
+    """One user's loaded series, read into memory in the working orientation.
 
     Args:
         dwi_path, bvals_path, bvecs_path (`str`): the series.
-        shell (`float`): the b-value up-sampled.
-        mask (`np.ndarray` of shape `(X, Y, Z)`): brain mask.
-        targets (`np.ndarray` of shape `(T, 3)`): directions not acquired.
+        series ([`~qid2_diffusers.data.series.WorkingSeries`]): the series read and checked.
+        plan ([`~qid2_diffusers.inference.ShellPlan`]): the shell previewed and its targets.
         workdir (`str`): this session's folder for outputs.
+        target_bvecs (`np.ndarray` of shape `(T, 3)`, *optional*): fixed targets in the
+            file's FSL convention (the phantom's held-out directions); `None`
+            completes each shell to 90 directions, as ``qid2 upsample`` does.
         truth (`np.ndarray` of shape `(X, Y, Z, T)`, *optional*): noise-free
             target volumes (phantom only).
         truth_tensor ([`~qid2_diffusers.tensor.TensorMaps`], *optional*): tensor
@@ -71,19 +84,44 @@ class Session:
     dwi_path: str
     bvals_path: str
     bvecs_path: str
-    shell: float
-    mask: np.ndarray
-    targets: np.ndarray
+    series: WorkingSeries
+    plan: ShellPlan
     workdir: str
+    target_bvecs: np.ndarray | None = None
     truth: np.ndarray | None = None
     truth_tensor: TensorMaps | None = None
     label: str = ""
 
+    @property
+    def mask(self) -> np.ndarray:
+        return self.series.mask
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The previewed shell's targets, working voxel frame."""
+        return self.plan.targets
+
+    @property
+    def shell(self) -> float:
+        return self.plan.bval
+
+    @property
+    def seed_shells(self) -> int:
+        return len(self.series.shells)
+
     def dwi(self):
         return load_dwi(self.dwi_path, self.bvals_path, self.bvecs_path)
 
-    def shell_dwi(self):
-        return extract_shell(self.dwi(), self.shell)
+    def shell_dwi(self) -> DWI:
+        """The previewed shell (usable b0s and directions) in the working orientation."""
+        v = self.plan.volumes
+        return DWI(data=self.series.volumes(v), bvals=self.series.bvals[v], bvecs=self.series.bvecs[v],
+                   affine=self.series.orientation.working_affine, mask=self.mask, path=self.dwi_path,
+                   b0_threshold=self.series.b0_threshold)
+
+    def with_shell(self, b: float) -> "Session":
+        """This session previewing the shell at ``b``."""
+        return replace(self, plan=preview_plan(self.series, b, self.target_bvecs))
 
 
 # ---------------------------------------------------------------------------
@@ -113,19 +151,40 @@ def _file_path(upload) -> str | None:
     return str(getattr(upload, "name", upload))
 
 
-def open_upload(dwi_file, bvals_file, bvecs_file, shell: float, workdir: str) -> Session:
-    """A session for an uploaded series (validated by ``load_dwi``; mask by ``brain_mask``)."""
+@contextmanager
+def notices():
+    """Show the package's input warnings (dropped volumes, NaN voxels, ...) as Gradio notices."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QID2InputWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, QID2InputWarning):
+            path = w.message.path
+            gr.Warning(f"{Path(path).name}: {w.message.problem}" if path else w.message.problem)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def preview_plan(series: WorkingSeries, b: float | None, target_bvecs=None) -> ShellPlan:
+    """The plan of the shell at ``b`` (default: the one nearest the trained b-value) for the preview."""
+    if b is None:
+        b = min(series.shells, key=lambda label: abs(label - TRAINED_SHELL))
+    targets = None if target_bvecs is None else series.orientation.bvecs_to_working(target_bvecs)
+    return plan_shells(series, targets, shells=[b], num_references=1)[0]
+
+
+def open_upload(dwi_file, bvals_file, bvecs_file, workdir: str, shell: float | None = None) -> Session:
+    """A session for an uploaded series (validated by ``load_dwi``, read by ``read_series``)."""
     paths = [_file_path(f) for f in (dwi_file, bvals_file, bvecs_file)]
     missing = [name for name, p in zip(("NIfTI series", "bval file", "bvec file"), paths) if p is None]
     if missing:
         raise QID2InputError(None, f"upload the {', '.join(missing)} too")
     dwi = load_dwi(*paths)
-    sub = extract_shell(dwi, shell)
-    _, dw = split_scheme(sub.bvals, sub.bvecs)
-    targets = choose_targets(sub.bvecs[dw])
-    mask = brain_mask(dwi.mean_b0(), dwi.header.get_zooms()[:3])
-    return Session(*paths, shell=float(shell), mask=mask, targets=targets, workdir=workdir,
-                   label=f"{Path(paths[0]).name}: {dwi.shape[:3]} voxels, {len(dw)} directions at b={shell:g}")
+    series = read_series(dwi)
+    plan = preview_plan(series, shell)
+    shells = ", ".join(f"b={label}" for label in series.shells)
+    return Session(*paths, series=series, plan=plan, workdir=workdir,
+                   label=f"{Path(paths[0]).name}: {series.orientation.working_shape} voxels, shells {shells}")
 
 
 def open_example(workdir: str) -> Session:
@@ -136,10 +195,12 @@ def open_example(workdir: str) -> Session:
 def example_session(ex, workdir: str) -> Session:
     """The session of a made [`~qid2_diffusers.example.Example`]."""
     subject = ex.subject
+    series = read_series(load_dwi(*ex.paths))
     return Session(
-        str(ex.paths[0]), str(ex.paths[1]), str(ex.paths[2]), shell=1000.0, mask=subject.mask,
-        targets=ex.target_bvecs, workdir=workdir, truth=subject.signal[..., ex.target_volumes],
-        truth_tensor=ex.truth_tensor(), label=f"phantom example: {subject.dwi.shape[:3]} voxels, 30 of 90 directions acquired",
+        str(ex.paths[0]), str(ex.paths[1]), str(ex.paths[2]), series=series,
+        plan=preview_plan(series, 1000.0, ex.target_bvecs), workdir=workdir, target_bvecs=ex.target_bvecs,
+        truth=subject.signal[..., ex.target_volumes], truth_tensor=ex.truth_tensor(),
+        label=f"phantom example: {subject.dwi.shape[:3]} voxels, 30 of 90 directions acquired",
     )
 
 
@@ -163,7 +224,10 @@ def get_pipeline(model: str | None, num_references: int, scheduler: str):
 
 
 def direction_from_angles(azimuth_deg: float, elevation_deg: float) -> np.ndarray:
-    """Unit vector from azimuth (in the x-y plane, from x) and elevation (towards z), in degrees."""
+    """Unit vector from azimuth (in the x-y plane, from x) and elevation (towards z), in degrees.
+
+    In the working voxel frame (x towards the left, y anterior, z superior), whatever the file's orientation.
+    """
     az, el = np.radians(azimuth_deg), np.radians(elevation_deg)
     return np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
 
@@ -178,7 +242,7 @@ def generate_slice(session: Session, z: int, target: np.ndarray, target_index: i
                    steps: int | None, seed: int, samples: int) -> dict:
     """Synthesise one target direction on slice ``z``.
 
-    Noise is seeded by (seed, target index, slice), as ``qid2 upsample`` seeds it.
+    Noise is seeded by (seed, shell, target index, slice), as ``qid2 upsample`` seeds it.
 
     Returns:
         `dict` with ``references`` (R, X, Y), ``reference_bvecs`` (R, 3),
@@ -189,7 +253,8 @@ def generate_slice(session: Session, z: int, target: np.ndarray, target_index: i
     acquired = sub.bvecs[dw]
     refs = nearest_references(target, acquired, pipe.num_references)
     slab = np.asarray(sub.data[:, :, z, :], dtype=np.float32)[..., dw]
-    upsampler = QID2Upsampler(pipe, num_inference_steps=steps, num_samples=samples, seed=seed)
+    upsampler = QID2Upsampler(pipe, num_inference_steps=steps, num_samples=samples,
+                              seed=shell_seed(seed, session.plan.label, session.seed_shells))
     out = upsampler.predict(sub.data, sub.bvals, sub.bvecs, target[None], _slice_mask(session.mask, z),
                             target_indices=[target_index], return_std=samples > 1)
     pred, std = out if samples > 1 else (out, None)
@@ -216,7 +281,8 @@ def slice_fa(session: Session, z: int, pipe, *, steps: int | None, seed: int) ->
     """
     sub = session.shell_dwi()
     mask = _slice_mask(session.mask, z)
-    upsampler = QID2Upsampler(pipe, num_inference_steps=steps, seed=seed)
+    upsampler = QID2Upsampler(pipe, num_inference_steps=steps,
+                              seed=shell_seed(seed, session.plan.label, session.seed_shells))
     pred = upsampler.predict(sub.data, sub.bvals, sub.bvecs, session.targets, mask)[:, :, z : z + 1]
     acquired = np.asarray(sub.data[:, :, z : z + 1, :], dtype=np.float32)
     m = mask[:, :, z : z + 1]
@@ -262,19 +328,46 @@ def _error(exc: Exception) -> gr.Error:
     return gr.Error(text)
 
 
+def _status(session: Session) -> str:
+    plan = session.plan
+    n_dirs = len(plan.volumes) - len(session.series.b0_indices)
+    return (f"**Loaded** {session.label}. Previewing the b={plan.label} shell: {n_dirs} directions at "
+            f"b={plan.label}; {len(plan.targets)} target directions.")
+
+
+def _targets(session: Session):
+    choices = [(f"#{k}: ({v[0]:+.2f}, {v[1]:+.2f}, {v[2]:+.2f})", k) for k, v in enumerate(session.targets)]
+    return gr.Dropdown(choices=choices, value=0)
+
+
 def _loaded(session: Session):
     n_slices = int(session.mask.shape[2])
     with_brain = np.flatnonzero(session.mask.any(axis=(0, 1)))
     z = int(with_brain[len(with_brain) // 2]) if len(with_brain) else n_slices // 2
-    choices = [(f"#{k}: ({v[0]:+.2f}, {v[1]:+.2f}, {v[2]:+.2f})", k) for k, v in enumerate(session.targets)]
-    if outside_training_shell(session.shell):
-        gr.Warning(f"The model was trained at b={TRAINED_SHELL:g}; b={session.shell:g} is outside its training data.")
-    return (
-        session,
-        f"**Loaded** {session.label}; {len(session.targets)} target directions.",
-        gr.Slider(minimum=0, maximum=n_slices - 1, value=z, step=1),
-        gr.Dropdown(choices=choices, value=0),
-    )
+    return session, _status(session), gr.Slider(minimum=0, maximum=n_slices - 1, value=z, step=1), _targets(session)
+
+
+def _shell_choices(session: Session | None):
+    """The shell dropdowns of a loaded session: the previewed shell, and the shells of the download."""
+    if session is None:
+        return gr.Dropdown(), gr.Dropdown()
+    shells = list(session.series.shells)
+    preview = gr.Dropdown(choices=[(f"b={label}", label) for label in shells], value=session.plan.label)
+    download = [(ALL_SHELLS, ALL_SHELLS), *[(f"b={label} only", str(label)) for label in shells]]
+    return preview, gr.Dropdown(choices=download, value=ALL_SHELLS)
+
+
+def _bvalue(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{text!r} is not a b-value (s/mm²).") from None
+
+
+def _warn_training_shell(session: Session, pipe) -> None:
+    message = training_shell_warning(session.shell, pipe.bval_conditioning)
+    if message:
+        gr.Warning(message[0].upper() + message[1:] + ".")
 
 
 def _default_steps(folder) -> int:
@@ -307,9 +400,19 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         progress(0.1, desc="simulating the phantom")
         return _loaded(open_example(_workdir(request)))
 
-    def on_upload(dwi_file, bvals_file, bvecs_file, shell, request: gr.Request):
+    def on_upload(dwi_file, bvals_file, bvecs_file, request: gr.Request):
         try:
-            return _loaded(open_upload(dwi_file, bvals_file, bvecs_file, float(shell), _workdir(request)))
+            with notices():
+                return _loaded(open_upload(dwi_file, bvals_file, bvecs_file, _workdir(request)))
+        except QID2InputError as exc:
+            raise _error(exc) from None
+
+    def on_shell(session, shell):
+        if session is None:
+            raise gr.Error("Load a series or the phantom example first.")
+        try:
+            with notices():
+                return _loaded(session.with_shell(_bvalue(shell)))
         except QID2InputError as exc:
             raise _error(exc) from None
 
@@ -328,6 +431,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         z, samples = int(z), int(samples)
         target, index, listed = target_of(session, choice, use_angles, azimuth, elevation)
         pipe = pipeline_for(r, scheduler)
+        _warn_training_shell(session, pipe)
         try:
             out = generate_slice(session, z, target, index, pipe, steps=int(steps), seed=int(seed), samples=samples)
         except (QID2InputError, ValueError) as exc:
@@ -352,6 +456,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         if session is None:
             raise gr.Error("Load a series or the phantom example first.")
         pipe = pipeline_for(r, scheduler)
+        _warn_training_shell(session, pipe)
         fa = slice_fa(session, int(z), pipe, steps=int(steps), seed=int(seed))
         text = f"FA on slice {int(z)}: acquired directions, then with the {len(session.targets)} synthesised ones added."
         if fa["metrics"]:
@@ -361,13 +466,19 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         images = [None if fa[k] is None else to_image(fa[k].fa[:, :, 0], 1.0) for k in ("before", "after", "truth")]
         return (*images, text)
 
-    def on_volume(session, r, scheduler, steps, seed, samples, progress=gr.Progress(track_tqdm=True)):
+    def on_volume(session, r, scheduler, steps, seed, samples, shells=ALL_SHELLS,
+                  progress=gr.Progress(track_tqdm=True)):
         if session is None:
             raise gr.Error("Load a series or the phantom example first.")
         pipe = pipeline_for(r, scheduler)
         dwi = session.dwi()
-        result = upsample_dwi(dwi, session.targets, pipe, shell=session.shell, mask=session.mask,
-                              num_inference_steps=int(steps), num_samples=int(samples), seed=int(seed))
+        try:
+            with notices():
+                result = upsample_dwi(dwi, session.target_bvecs, pipe, mask=session.series.stored_mask,
+                                      shells=None if shells in (None, ALL_SHELLS) else [_bvalue(shells)],
+                                      num_inference_steps=int(steps), num_samples=int(samples), seed=int(seed))
+        except QID2InputError as exc:
+            raise _error(exc) from None
         prefix = Path(session.workdir) / f"{Path(session.dwi_path).name.split('.')[0]}_upsampled"
         return [str(p) for p in result.save(prefix, dwi.affine, dwi.header)]
 
@@ -387,9 +498,11 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                     dwi_file = gr.File(label="DWI series (.nii or .nii.gz)", file_types=[".nii", ".gz"])
                     bvals_file = gr.File(label="bvals")
                     bvecs_file = gr.File(label="bvecs")
-                    shell = gr.Number(value=1000, label="Shell (b-value, s/mm²)")
                     upload_btn = gr.Button("Load upload")
                 status = gr.Markdown("Load the phantom example or upload a series.", elem_id="status")
+                # Custom values: the choices arrive with the series, and the handlers check the value.
+                shell = gr.Dropdown(choices=[], value=None, allow_custom_value=True,
+                                    label="Shell (b-value, s/mm²) of the preview", elem_id="shell")
                 z = gr.Slider(0, 1, value=0, step=1, label="Axial slice")
                 target = gr.Dropdown(choices=[], value=None, label="Target direction (not acquired)")
                 use_angles = gr.Checkbox(False, label="Use azimuth / elevation instead")
@@ -403,6 +516,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                 samples = gr.Slider(1, 16, value=1, step=1, label="Samples (above 1: uncertainty map)", elem_id="samples")
                 generate_btn = gr.Button("Generate slice", variant="primary", elem_id="generate-button")
                 fa_btn = gr.Button("FA before / after on this slice", elem_id="fa-button")
+                volume_shells = gr.Dropdown(choices=[ALL_SHELLS], value=ALL_SHELLS, allow_custom_value=True,
+                                            label="Shells to up-sample (download)")
                 volume_btn = gr.Button("Up-sample the whole series (download)")
             with gr.Column(scale=2):
                 references = gr.Gallery(label="Reference slices (acquired)", columns=3, rows=1, height=300,
@@ -420,8 +535,11 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                 download = gr.File(label="Up-sampled series", file_count="multiple", interactive=False)
 
         loaded = [session, status, z, target]
-        example_btn.click(on_example, None, loaded, api_name="example")
-        upload_btn.click(on_upload, [dwi_file, bvals_file, bvecs_file, shell], loaded, api_name="upload")
+        example_btn.click(on_example, None, loaded, api_name="example").then(
+            _shell_choices, session, [shell, volume_shells], api_name=False)
+        upload_btn.click(on_upload, [dwi_file, bvals_file, bvecs_file], loaded, api_name="upload").then(
+            _shell_choices, session, [shell, volume_shells], api_name=False)
+        shell.input(on_shell, [session, shell], loaded, api_name="shell")
         generate_btn.click(
             on_generate,
             [session, z, target, use_angles, azimuth, elevation, r, scheduler, steps, seed, samples],
@@ -430,7 +548,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         )
         fa_btn.click(on_fa, [session, z, r, scheduler, steps, seed], [fa_before, fa_after, fa_truth, fa_info],
                      api_name="fa")
-        volume_btn.click(on_volume, [session, r, scheduler, steps, seed, samples], download, api_name="volume")
+        volume_btn.click(on_volume, [session, r, scheduler, steps, seed, samples, volume_shells], download,
+                         api_name="volume")
     return blocks
 
 

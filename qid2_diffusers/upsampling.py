@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from .data.io import group_shells
 from .directions import nearest_references, normalize_bvecs
+from .errors import QID2InputError
 from .gradients import as_bvals_bvecs, is_gradient_table, split_scheme, target_directions
 from .tensor import TensorPrior
 
@@ -44,6 +46,9 @@ class VolumeUpsampler:
                 to synthesise; of a gradient table, its diffusion-weighted directions.
             mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): brain mask.
             kwargs: options of the method's :meth:`predict_volumes`.
+
+        Raises:
+            QID2InputError: the data hold several shells (the message names them).
         """
         if is_gradient_table(bvals) and bvecs is not None:
             # predict(data, gtab, target_bvecs[, mask]): the arguments sit one place earlier.
@@ -53,6 +58,13 @@ class VolumeUpsampler:
         if target_bvecs is None:
             raise TypeError("predict() needs the target directions (target_bvecs)")
         bvals, bvecs = as_bvals_bvecs(bvals, bvecs)
+        shells = group_shells(bvals)
+        if len(shells) > 1:
+            # A method predicts one shell from its own directions; which one is the caller's choice.
+            raise QID2InputError(
+                None, f"the data hold {len(shells)} shells (b={', '.join(str(b) for b in shells)}): give the b0s and "
+                      f"one shell (qid2_diffusers.data.io.extract_shell), or up-sample every shell with "
+                      f"qid2_diffusers.inference.upsample_dwi")
         return self.predict_volumes(data, bvals, bvecs, target_directions(target_bvecs), mask, **kwargs)
 
     def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None) -> np.ndarray:

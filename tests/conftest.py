@@ -55,6 +55,27 @@ def tiny_model_dir(tmp_path_factory, tiny_pipeline) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_prior_model_dir(tmp_path_factory) -> Path:
+    """A tiny random model of the kind to be shipped next: physics prior and b-conditioned tokens."""
+    from qid2_diffusers import build_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-qid2-prior")
+    build_pipeline("tiny", 3, seed=0, physics_prior=True, bval_conditioning=True).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_slab():
+    """Seeded 2-slice phantom (LAS, 18 b0 + 90 directions at b=1000), cropped to 40 x 48 voxels (brain and background)."""
+    from qid2_diffusers.data.phantom import make_subject
+
+    s = make_subject(0, slab=2)
+    box = (slice(2, 42), slice(4, 52))
+    return {"dwi": np.ascontiguousarray(s.dwi[box]), "mask": np.ascontiguousarray(s.mask[box]),
+            "fa": np.ascontiguousarray(s.fa[box]), "bvals": s.bvals, "bvecs": s.bvecs, "affine": s.affine}
+
+
+@pytest.fixture(scope="session")
 def training_cohort(tmp_path_factory) -> Path:
     """Two tiny HCP-layout subjects for the training scripts: the four central
     axial slices of one 2.5 mm phantom, cropped to the middle 24 x 24 voxels

@@ -167,7 +167,7 @@ def test_api_upload_real_crop_and_bad_upload(served, real_data_dir, tmp_path):
     _, url = served
     client = Client(url, verbose=False)
     files = [handle_file(str(real_data_dir / f"b3000.{ext}")) for ext in ("nii.gz", "bval", "bvec")]
-    status, z, target = client.predict(*files, 3000, api_name="/upload")
+    status, z, target = client.predict(*files, api_name="/upload")
     bvals, bvecs = np.loadtxt(real_data_dir / "b3000.bval"), np.loadtxt(real_data_dir / "b3000.bvec").T
     expected = choose_targets(bvecs[bvals > 50])  # the CLI's default targets
     assert "60 directions at b=3000" in status and z["maximum"] == 8
@@ -179,7 +179,7 @@ def test_api_upload_real_crop_and_bad_upload(served, real_data_dir, tmp_path):
     short.write_text("0 1000 1000\n")
     with pytest.raises(AppError, match="short.bval: has 3 b-values but b3000.nii.gz has 68 volumes"):
         client.predict(handle_file(str(real_data_dir / "b3000.nii.gz")), handle_file(str(short)),
-                       handle_file(str(real_data_dir / "b3000.bvec")), 3000, api_name="/upload")
+                       handle_file(str(real_data_dir / "b3000.bvec")), api_name="/upload")
 
 
 @pytest.mark.browser
@@ -197,6 +197,8 @@ def test_browser_runs_the_example(served, tmp_path):
             page.wait_for_selector("#example-button", timeout=60_000)
             page.click("#example-button")
             page.wait_for_function("document.querySelector('#status')?.innerText.includes('Loaded')", timeout=90_000)
+            # The shell dropdown is filled from the loaded series.
+            page.wait_for_function("document.querySelector('#shell input')?.value === 'b=1000'", timeout=30_000)
             samples = page.locator("#samples input[type=number]")
             samples.fill("2")
             samples.press("Enter")
@@ -216,3 +218,35 @@ def test_browser_runs_the_example(served, tmp_path):
     assert Image.open(shot).size[0] >= 1000
     if os.environ.get("QID2_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["QID2_SCREENSHOT"])
+
+
+def test_api_multishell_upload_previews_one_shell_and_downloads_every_shell(served, real_data_dir):
+    from gradio_client import Client, handle_file
+
+    blocks, url = served
+    client = Client(url, verbose=False)
+    files = [handle_file(str(real_data_dir / f"msmt.{ext}")) for ext in ("nii.gz", "bval", "bvec")]
+    status, _, target = client.predict(*files, api_name="/upload")
+    assert "shells b=700, b=1200, b=2800" in status and "30 directions at b=1200" in status  # nearest to b=1000
+    status, _, target = client.predict(2800, api_name="/shell")
+    bvals, bvecs = np.loadtxt(real_data_dir / "msmt.bval"), np.loadtxt(real_data_dir / "msmt.bvec").T
+    expected = choose_targets(bvecs[np.abs(bvals - 2800) < 50])  # the CLI's default targets for that shell
+    assert "50 directions at b=2800" in status and len(target["choices"]) == len(expected)
+    gallery, generated, *_ = client.predict(5, 0, False, 0, 0, 3, "ddim", 1, 0, 1, api_name="/generate")
+    assert len(gallery) == 3 and _png(generated).std() > 0
+    files = client.predict(3, "ddim", 1, 0, 1, "700", api_name="/volume")
+    out_bvals = np.loadtxt(next(f for f in files if f.endswith(".bval")))
+    assert len(out_bvals) > 102 and set(out_bvals[102:]) == {700.0}
+
+
+def test_shell_choices_follow_the_loaded_series(real_data_dir, tmp_path):
+    paths = [str(real_data_dir / f"msmt.{ext}") for ext in ("nii.gz", "bval", "bvec")]
+    session = app.open_upload(*paths, str(tmp_path))
+    preview, download = app._shell_choices(session)
+    assert preview.choices == [("b=700", 700), ("b=1200", 1200), ("b=2800", 2800)] and preview.value == 1200
+    assert download.value == app.ALL_SHELLS
+    assert [c[1] for c in download.choices] == [app.ALL_SHELLS, "700", "1200", "2800"]
+    other = session.with_shell(700)
+    sub = other.shell_dwi()
+    assert other.plan.label == 700 and np.all(np.isin(sub.bvals, [0.5, 700]))
+    np.testing.assert_array_equal(other.mask, session.mask)

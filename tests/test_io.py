@@ -1,5 +1,6 @@
 import gzip
 import tracemalloc
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ from qid2_diffusers.data.io import (
     extract_shell,
     group_shells,
     load_dwi,
+    shell_label,
     save_dwi,
     save_nifti,
     shell_indices,
@@ -168,6 +170,44 @@ def test_bvecs_orientation_normalisation_and_b0_zeroing(tmp_path):
     np.testing.assert_allclose(rows.bvecs, expected, atol=1e-8)
 
 
+def test_nan_or_zero_bvecs_on_b0_volumes_mean_no_direction(tmp_path):
+    bvals, bvecs = scheme(n_b0=3, n_dirs=6)
+    bvecs[0] = np.nan  # dipy's small_64D stores its b0 row so
+    bvecs[1] = [np.inf, 0, 0]
+    path, _ = write_case(tmp_path, bvals=bvals, bvecs=bvecs)
+    dwi = load_dwi(path)
+    np.testing.assert_array_equal(dwi.bvecs[:3], 0.0)
+    np.testing.assert_allclose(dwi.bvecs[3:], bvecs[3:], atol=1e-8)
+    np.testing.assert_array_equal(dwi.bvals, bvals)
+
+
+def test_bvec_norms_encode_the_b_value_as_in_mrtrix(tmp_path):
+    bvals, bvecs = scheme(n_b0=1, n_dirs=6, b=3000.0)
+    bvecs[1:4] *= np.sqrt(1 / 3)  # one nominal b=3000: three directions at b=1000, three at 3000
+    bvecs[4] *= 1.004  # rounding in the file, not an encoding
+    path, _ = write_case(tmp_path, bvals=bvals, bvecs=bvecs)
+    norms = r"dwi.bvec: 3 b-vectors have norms far from 1 \(0.577 to 0.577\).*MRtrix3"
+    with pytest.warns(UserWarning, match=norms) as caught:
+        dwi = load_dwi(path)
+    assert len(caught) == 1
+    np.testing.assert_allclose(dwi.bvals, [0, 1000, 1000, 1000, 3000 * 1.004**2, 3000, 3000], rtol=1e-6)
+    assert {b: len(i) for b, i in dwi.shells.items()} == {1000: 3, 3000: 3}
+    np.testing.assert_allclose(np.linalg.norm(dwi.bvecs[1:], axis=1), 1.0)
+    write_case(tmp_path, bvals=bvals, bvecs=scheme(n_b0=1, n_dirs=6)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dwi(path)  # unit vectors: nothing to say
+
+
+def test_shell_label_names_the_shell_or_the_problem():
+    bvals = np.array([0.5, 700, 1200, 2950, 2999.998, 3000, 1195])
+    assert shell_label(bvals, 3000) == 3000 and shell_label(bvals, 2950) == 3000 and shell_label(bvals, 1190) == 1200
+    assert error_of(shell_label, bvals, 0.5, path="x.bval") == (
+        "x.bval: b=0.5 selects the b0 volumes, not a diffusion-weighted shell")
+    assert "no b=2000 shell; shells present: b=700 (1 volumes), b=1200 (2 volumes), b=3000 (3 volumes)" in error_of(
+        shell_label, bvals, 2000)
+
+
 def test_bare_fsl_sidecars_are_found(tmp_path):
     path, data = write_case(tmp_path, name="data")
     (tmp_path / "data.bval").rename(tmp_path / "bvals")
@@ -204,6 +244,9 @@ def test_mask_is_loaded_and_checked(tmp_path):
     nib.save(nib.Nifti1Image(mask, AFFINE), str(tmp_path / "mask.nii.gz"))
     dwi = load_dwi(path, mask_path=tmp_path / "mask.nii.gz")
     assert dwi.mask.dtype == bool and dwi.mask.sum() == 6
+    nib.save(nib.Nifti1Image(0 * mask, AFFINE), str(tmp_path / "empty_mask.nii.gz"))
+    assert error_of(load_dwi, path, mask_path=tmp_path / "empty_mask.nii.gz").endswith(
+        "empty_mask.nii.gz: the mask is empty (no voxel above 0)")
     nib.save(nib.Nifti1Image(mask[:, :, :2], AFFINE), str(tmp_path / "bad_mask.nii.gz"))
     message = error_of(load_dwi, path, mask_path=tmp_path / "bad_mask.nii.gz")
     assert "bad_mask.nii.gz" in message and "(4, 5, 2) does not match the image's (4, 5, 3)" in message

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and a
 ``run(args)``; errors the user can fix are raised as :class:`QID2InputError`
-and printed as one line, never a traceback.
+and printed as one line, never a traceback; input used but not as given
+(:class:`QID2InputWarning`) is printed as one warning line.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from ..errors import QID2InputError
+from ..errors import QID2InputError, QID2InputWarning
 
 __all__ = ["main", "build_parser"]
 
@@ -45,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str):
+    """A ``warnings.showwarning`` that prints input warnings as ``qid2 COMMAND: warning: ...``."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, QID2InputWarning):
+            print(f"qid2 {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", QID2InputWarning)
+            warnings.showwarning = _one_line_warnings(args.command)
+            return int(args.run(args) or 0)
     except QID2InputError as exc:
         print(f"qid2 {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -6,13 +6,11 @@ runs :func:`qid2_diffusers.example.run_example`.
 
 from __future__ import annotations
 
-import sys
 import time
+import warnings
 
-import numpy as np
-
-from ..errors import QID2InputError
-from ..inference import CPU_BATCH_PIXELS, DEVICE_BATCH_SIZE, TRAINED_SHELL
+from ..errors import QID2InputError, QID2InputWarning
+from ..inference import CPU_BATCH_PIXELS, DEVICE_BATCH_SIZE
 
 __all__ = ["add_model_arguments", "add_parser", "run"]
 
@@ -43,8 +41,11 @@ def add_parser(subparsers) -> None:
         "upsample",
         help="synthesise missing gradient directions with QID²",
         description=(
-            "Up-sample one shell of a DWI series: write the input's volumes followed by volumes synthesised "
-            "at the target directions (PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec). "
+            "Up-sample the shells of a DWI series (every shell, or those given with --shell), each from the b0s "
+            "and its own directions: write the input's volumes, untouched, followed by each shell's volumes "
+            "synthesised at the target directions, by increasing b (PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec). "
+            "Any stored orientation is handled: the series is up-sampled in the model's orientation and written "
+            "back in its own, with its affine, header and b-vector convention. "
             "Or run the seeded phantom example with --example."
         ),
     )
@@ -53,22 +54,23 @@ def add_parser(subparsers) -> None:
     g.add_argument("--bvals", metavar="IN.bval", help="FSL bval file (default: next to --dwi)")
     g.add_argument("--bvecs", metavar="IN.bvec", help="FSL bvec file (default: next to --dwi)")
     g.add_argument("--mask", metavar="MASK.nii.gz", help="brain mask NIfTI (default: dipy median_otsu on the mean b0)")
-    g.add_argument("--shell", type=float, default=1000.0, metavar="B", help="b-value of the shell to up-sample (default: 1000)")
+    g.add_argument("--shell", type=float, action="append", dest="shells", metavar="B",
+                   help="b-value of a shell to up-sample; repeat for several (default: every shell)")
     g.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec")
     t = p.add_argument_group("target directions (at most one; default --n-targets 90)")
-    t.add_argument("--targets", metavar="T.bvec", help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise")
-    t.add_argument("--n-targets", type=int, metavar="N", help="synthesise a uniform N-direction scheme's directions not acquired")
-    t.add_argument("--scheme", metavar="NAME", help="named scheme to complete: hcp90 (the phantom's 90 directions at b=1000)")
+    t.add_argument("--targets", metavar="T.bvec",
+                   help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise in every shell, "
+                        "in the same convention as --bvecs")
+    t.add_argument("--n-targets", type=int, metavar="N",
+                   help="synthesise, in each shell, a uniform N-direction scheme's directions not acquired")
+    t.add_argument("--scheme", metavar="NAME",
+                   help="named scheme to complete in each shell: hcp90 (the phantom's 90 directions)")
     add_model_arguments(p)
     e = p.add_argument_group("example")
     e.add_argument("--example", action="store_true",
                    help="make a seeded phantom with 30 directions, up-sample it to 90 and report FA errors")
     e.add_argument("--out-dir", default=".", metavar="DIR", help="folder for the example's files (default: the current folder)")
     p.set_defaults(run=run)
-
-
-def _warn(message: str) -> None:
-    print(f"qid2 upsample: warning: {message}", file=sys.stderr)
 
 
 def _run_example(args) -> int:
@@ -93,10 +95,9 @@ def _run_example(args) -> int:
 def run(args) -> int:
     from diffusers.utils import logging as diffusers_logging
 
-    from ..data.io import extract_shell, load_dwi
-    from ..gradients import split_scheme
+    from ..data.io import load_dwi
     from ..hub import load_pipeline
-    from ..inference import check_writable, choose_targets, outside_training_shell, process_state, upsample_dwi
+    from ..inference import check_writable, process_state, read_targets, upsample_dwi
 
     diffusers_logging.disable_progress_bar()
     for name in ("steps", "num_samples", "batch_size"):
@@ -109,29 +110,29 @@ def run(args) -> int:
         raise QID2InputError(None, "--dwi and --out are required (or run --example)")
 
     state = process_state(args.device)
-    main = state is None or state.is_main_process
+    if state is not None and not state.is_main_process:
+        warnings.simplefilter("ignore", QID2InputWarning)  # the main process reports them
     dwi = load_dwi(args.dwi, args.bvals, args.bvecs, args.mask)
-    acquired = extract_shell(dwi, args.shell)
-    dw = split_scheme(acquired.bvals, b0_threshold=acquired.b0_threshold)[1]
-    targets = choose_targets(acquired.bvecs[dw], targets_path=args.targets, n_targets=args.n_targets, scheme=args.scheme)
+    targets = read_targets(args.targets) if args.targets is not None else None
     device = state.device if state is not None and args.device == "auto" else args.device
     pipe = load_pipeline(args.model, num_references=args.num_references, scheduler=args.scheduler, device=device,
                          dtype=args.dtype, compile=args.compile)
     prefix = check_writable(args.out)
-    b = float(np.median(acquired.bvals[dw]))
-    if main and outside_training_shell(b):
-        _warn(f"the model was trained at b={TRAINED_SHELL:g}; up-sampling the b={b:g} shell is outside its training data")
 
     start = time.perf_counter()
-    result = upsample_dwi(dwi, targets, pipe, shell=args.shell, num_inference_steps=args.steps,
-                          num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, state=state)
+    result = upsample_dwi(dwi, targets, pipe, shells=args.shells, n_targets=args.n_targets, scheme=args.scheme,
+                          num_inference_steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
+                          seed=args.seed, state=state)
     if result is None:
         return 0
     paths = result.save(prefix, dwi.affine, dwi.header)
     seconds = time.perf_counter() - start
     steps = args.steps or pipe.config.default_num_inference_steps
+    shells = result.new_shells
+    where = (f"at b={next(iter(shells)):g}" if len(shells) == 1
+             else "(" + ", ".join(f"b={b:g}: {n}" for b, n in shells.items()) + ")")
     print(
-        f"qid2 upsample: {result.n_targets} targets synthesised at b={b:g} "
+        f"qid2 upsample: {result.n_targets} targets synthesised {where} "
         f"({result.n_input} + {result.n_targets} volumes) in {seconds:.1f} s on {pipe.device.type} "
         f"({args.dtype}, {type(pipe.scheduler).__name__}, {steps} steps"
         f"{f', {state.num_processes} processes' if state is not None else ''}) -> {paths[0]}"

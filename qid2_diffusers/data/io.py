@@ -7,7 +7,9 @@ the file. Every problem a user can fix in their input is raised as a one-line
 
 B-vectors follow the FSL convention: one unit vector per volume in the voxel
 frame of the image (x flipped when the affine has a positive determinant, see
-:func:`bvec_voxel_signs`), zeros on the b0 volumes.
+:func:`~qid2_diffusers.orientation.bvec_voxel_signs`), zeros on the b0 volumes.
+B-vectors whose norms are far from 1 scale their volume's b-value by the
+squared norm, as MRtrix3 does (:data:`BVEC_NORM_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import nibabel as nib
 import numpy as np
 
 from ..directions import complement, normalize_bvecs, uniform_subset
-from ..errors import QID2InputError
+from ..errors import QID2InputError, QID2InputWarning
 from ..gradients import B0_THRESHOLD
+from ..orientation import bvec_voxel_signs
 
 __all__ = [
     "DWI",
@@ -33,15 +36,22 @@ __all__ = [
     "load_mask",
     "group_shells",
     "shell_indices",
+    "shell_label",
     "extract_shell",
     "split_acquired",
     "check_enough_directions",
     "nifti_stem",
+    "BVEC_NORM_TOLERANCE",
     "bvec_voxel_signs",
     "save_dwi",
     "save_nifti",
     "atomic_write",
 ]
+
+
+#: B-vector norms further than this from 1 encode the b-value (b_effective = b |g|²,
+#: MRtrix3's b-value scaling); closer ones are rounding in the file.
+BVEC_NORM_TOLERANCE = 0.01
 
 
 def _shell_tolerance(b: float) -> float:
@@ -125,6 +135,20 @@ def shell_indices(bvals, shell: float, *, b0_threshold: float = B0_THRESHOLD, pa
     return found
 
 
+def shell_label(bvals, shell: float, *, b0_threshold: float = B0_THRESHOLD, path=None) -> int:
+    """Label (the :func:`group_shells` key) of the shell at ``shell`` s/mm².
+
+    Raises:
+        QID2InputError: ``shell`` selects the b0 volumes, or no shell matches
+            (the message lists the shells present).
+    """
+    if shell <= b0_threshold:
+        raise QID2InputError(path, f"b={shell:g} selects the b0 volumes, not a diffusion-weighted shell")
+    members = shell_indices(bvals, shell, b0_threshold=b0_threshold, path=path)
+    return next(label for label, idx in group_shells(bvals, b0_threshold=b0_threshold).items()
+                if np.array_equal(idx, members))
+
+
 def check_enough_directions(n_acquired: int, num_references: int, path=None) -> None:
     """Raise unless ``n_acquired`` directions can supply ``num_references`` references."""
     if n_acquired < num_references:
@@ -153,19 +177,6 @@ def split_acquired(shell_bvecs, n_acquired: int = 30) -> tuple[np.ndarray, np.nd
         raise ValueError(f"cannot keep {n_acquired} of {len(shell_bvecs)} directions")
     acquired = uniform_subset(shell_bvecs, n_acquired)
     return acquired, complement(shell_bvecs, shell_bvecs[acquired])
-
-
-def bvec_voxel_signs(affine) -> np.ndarray:
-    """Signs mapping FSL b-vectors to the stored voxel axes, shape ``(3,)``.
-
-    FSL reads every image as radiologically stored: for an affine with a
-    positive determinant its x axis runs against the voxel index ``i``, so an
-    FSL b-vector's x component is flipped relative to the array axes. Multiply
-    bvecs by these signs to move between the two frames (the map is its own
-    inverse).
-    """
-    det = np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])
-    return np.array([-1.0 if det > 0 else 1.0, 1.0, 1.0])
 
 
 class _VolumeSubset:
@@ -384,7 +395,7 @@ def _load_nifti(path) -> nib.Nifti1Image:
     return img
 
 
-def _read_numbers(path: Path) -> np.ndarray:
+def _read_numbers(path: Path, *, finite: bool = True) -> np.ndarray:
     _require_file(path)
     try:
         with warnings.catch_warnings():
@@ -394,7 +405,7 @@ def _read_numbers(path: Path) -> np.ndarray:
         raise QID2InputError(path, f"cannot parse numbers ({str(exc).splitlines()[0]})") from None
     if arr.size == 0:
         raise QID2InputError(path, "is empty")
-    if not np.all(np.isfinite(arr)):
+    if finite and not np.all(np.isfinite(arr)):
         raise QID2InputError(path, "contains NaN or Inf")
     return arr
 
@@ -412,7 +423,8 @@ def _read_bvals(path: Path, n_volumes: int, image: Path) -> np.ndarray:
 
 
 def _read_bvecs(path: Path, n_volumes: int, image: Path) -> np.ndarray:
-    arr = _read_numbers(path)
+    # NaN is checked per volume by the caller: on a b0 volume it means "no direction" (dipy's own data).
+    arr = _read_numbers(path, finite=False)
     if arr.shape[0] == 3 and arr.shape[1] == n_volumes:  # FSL: 3 rows
         return arr.T.copy()
     if arr.shape[1] == 3 and arr.shape[0] == n_volumes:
@@ -431,7 +443,10 @@ def load_mask(mask_path, shape) -> np.ndarray:
         mask_shape = mask_shape[:3]
     if mask_shape != tuple(shape):
         raise QID2InputError(mask_path, f"mask shape {mask_shape} does not match the image's {tuple(shape)}")
-    return np.asarray(img.dataobj).reshape(mask_shape) > 0
+    mask = np.asarray(img.dataobj).reshape(mask_shape) > 0
+    if not mask.any():
+        raise QID2InputError(mask_path, "the mask is empty (no voxel above 0)")
+    return mask
 
 
 def load_dwi(
@@ -449,7 +464,10 @@ def load_dwi(
         bvals_path (`str` or `os.PathLike`, *optional*): defaults to ``<stem>.bval``
             next to the image, else ``<stem>.bvals``, else ``bvals`` (FSL/HCP).
         bvecs_path (`str` or `os.PathLike`, *optional*): same, for ``.bvec`` / ``bvecs``;
-            3 rows (FSL) or 3 columns, normalised to unit length.
+            3 rows (FSL) or 3 columns, normalised to unit length. NaN or zero
+            rows are accepted on b0 volumes; norms further than
+            :data:`BVEC_NORM_TOLERANCE` from 1 scale that volume's b-value by
+            ``|g|²`` (MRtrix3's b-value scaling), with a ``QID2InputWarning``.
         mask_path (`str` or `os.PathLike`, *optional*): brain mask of the image's shape.
         b0_threshold (`float`, *optional*, defaults to :data:`~qid2_diffusers.gradients.B0_THRESHOLD`): b-values at or
             below it are b0 volumes (their b-vectors are set to zero).
@@ -476,16 +494,7 @@ def load_dwi(
         )
     n = int(img.shape[3])
     bvals = _read_bvals(bvals_path, n, dwi_path)
-    bvecs = _read_bvecs(bvecs_path, n, dwi_path)
-    b0 = bvals <= b0_threshold
-    if not np.any(b0):
-        raise QID2InputError(bvals_path, f"no b0 volume (every b-value is above {b0_threshold:g} s/mm²)")
-    zero = (np.linalg.norm(bvecs, axis=1) < 1e-6) & ~b0
-    if np.any(zero):
-        k = int(np.flatnonzero(zero)[0])
-        raise QID2InputError(bvecs_path, f"zero-length b-vector on volume {k} (b={bvals[k]:g}), which is not a b0")
-    bvecs = normalize_bvecs(bvecs, allow_zero=True)
-    bvecs[b0] = 0.0
+    bvals, bvecs = _gradient_scheme(bvals, _read_bvecs(bvecs_path, n, dwi_path), bvals_path, bvecs_path, b0_threshold)
     mask = load_mask(mask_path, img.shape[:3]) if mask_path is not None else None
     return DWI(
         data=img.dataobj,
@@ -497,6 +506,35 @@ def load_dwi(
         path=str(dwi_path),
         b0_threshold=b0_threshold,
     )
+
+
+def _gradient_scheme(bvals, bvecs, bvals_path, bvecs_path, b0_threshold):
+    """Effective b-values and unit b-vectors (zero on b0 volumes) of a scheme read from files."""
+    b0 = bvals <= b0_threshold
+    if not np.any(b0):
+        raise QID2InputError(bvals_path, f"no b0 volume (every b-value is above {b0_threshold:g} s/mm²)")
+    bad = ~np.all(np.isfinite(bvecs), axis=1) & ~b0
+    if np.any(bad):
+        k = int(np.flatnonzero(bad)[0])
+        raise QID2InputError(bvecs_path, f"NaN or Inf b-vector on volume {k} (b={bvals[k]:g}), which is not a b0")
+    bvecs = np.where(b0[:, None], 0.0, bvecs)
+    norms = np.linalg.norm(bvecs, axis=1)
+    zero = (norms < 1e-6) & ~b0
+    if np.any(zero):
+        k = int(np.flatnonzero(zero)[0])
+        raise QID2InputError(bvecs_path, f"zero-length b-vector on volume {k} (b={bvals[k]:g}), which is not a b0")
+    off = ~b0 & (np.abs(norms - 1.0) > BVEC_NORM_TOLERANCE)
+    if np.any(off):
+        # Scanners encode several shells in one nominal b-value through the
+        # gradient amplitude; MRtrix3 reads b |g|² as the volume's b-value.
+        bvals = np.where(b0, bvals, bvals * norms**2)
+        warnings.warn(QID2InputWarning(
+            bvecs_path, f"{int(off.sum())} b-vectors have norms far from 1 ({norms[off].min():.3g} to "
+                        f"{norms[off].max():.3g}): their b-values are scaled by |g|² as MRtrix3 does "
+                        f"(effective b from {bvals[off].min():g} to {bvals[off].max():g})"), stacklevel=3)
+        b0 = bvals <= b0_threshold
+    bvecs = normalize_bvecs(np.where(b0[:, None], 0.0, bvecs), allow_zero=True)
+    return bvals, bvecs
 
 
 # ---------------------------------------------------------------------------
