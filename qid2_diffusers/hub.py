@@ -97,9 +97,12 @@ def _download(repo_id: str) -> Path:
 
 
 def model_num_references(folder) -> int:
-    """R of a saved QID² pipeline, read from its U-Net config (input channels = 1 + R)."""
+    """R of a saved QID² pipeline, read from its direction encoder's config.
+
+    Not from the U-Net's input channels: a physics-prior model has two more than 1 + R.
+    """
     folder = Path(folder)
-    return int(_read_json(folder / "unet" / "config.json")["in_channels"]) - 1
+    return int(_read_json(folder / "direction_encoder" / "config.json")["num_references"])
 
 
 def resolve_model(model: str | os.PathLike | None = None, num_references: int | None = None) -> Path:
@@ -186,6 +189,7 @@ def with_scheduler(pipeline, name: str | None):
         direction_encoder=pipeline.direction_encoder,
         scheduler=make_scheduler(name, pipeline.scheduler.config),
         default_num_inference_steps=pipeline.config.default_num_inference_steps,
+        physics_prior=pipeline.physics_prior,
     )
 
 

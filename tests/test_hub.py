@@ -32,6 +32,16 @@ def test_resolve_model_reads_r_and_checks_it(tiny_model_dir):
         resolve_model(tiny_model_dir, num_references=6)
 
 
+def test_a_prior_model_keeps_its_r_and_its_prior_when_the_sampler_changes(tmp_path):
+    from qid2_diffusers import build_pipeline
+
+    build_pipeline("tiny", 3, seed=0, physics_prior=True).save_pretrained(tmp_path / "prior")
+    # Its U-Net takes 1 + R + 2 channels; R is the direction encoder's.
+    assert model_num_references(tmp_path / "prior") == 3
+    pipe = load_pipeline(tmp_path / "prior", scheduler="ddim", device="cpu")
+    assert pipe.physics_prior and isinstance(pipe.scheduler, DDIMScheduler)
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [

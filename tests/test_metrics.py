@@ -204,3 +204,74 @@ def test_fid_with_a_torchscript_feature_extractor(tmp_path):
     assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-3)
     darker = inception_features(model, data * 0.3, mask, data_range=1000.0)
     assert frechet_distance(darker, feats) > 100.0
+
+
+def _fibres(angles, shape=(6, 6, 2)):
+    """dipy ``multi_tensor`` signal of one fibre per voxel (``angles``: (theta, phi) in degrees), 2 b0 + 60 at b=3000."""
+    from dipy.core.gradients import gradient_table
+    from dipy.sims.voxel import multi_tensor
+
+    from qid2_diffusers.directions import uniform_directions
+
+    bvecs = np.r_[np.zeros((2, 3)), uniform_directions(60)]
+    bvals = np.r_[0.0, 0.0, np.full(60, 3000.0)]
+    gtab = gradient_table(bvals, bvecs=bvecs)
+    evals = np.array([[1.7e-3, 0.3e-3, 0.3e-3]])
+    signal = [multi_tensor(gtab, evals, S0=100, angles=[tuple(a)], fractions=[100], snr=None)[0] for a in angles]
+    return np.stack(signal).reshape(*shape, -1).astype(np.float32), bvals, bvecs
+
+
+@pytest.fixture(scope="module")
+def fibre_voxels():
+    rng = np.random.default_rng(0)
+    angles = np.c_[np.degrees(np.arccos(rng.uniform(-1, 1, 72))), rng.uniform(0, 360, 72)]
+    ref, bvals, bvecs = _fibres(angles)
+    turned, _, _ = _fibres(np.c_[angles[:, 0], angles[:, 1] + 40])  # every fibre turned 40 degrees about z
+    return ref, turned, bvals, bvecs
+
+
+def test_angular_correlation_is_one_for_the_same_profile_and_lower_for_a_rotated_one(fibre_voxels):
+    from qid2_diffusers.evaluation.metrics import angular_correlation
+
+    ref, turned, _, bvecs = fibre_voxels
+    mask = np.ones(ref.shape[:3], bool)
+    for order in (6, 8):
+        assert angular_correlation(ref[..., 2:], ref[..., 2:], bvecs[2:], mask, sh_order=order) == pytest.approx(1.0)
+        # The l = 0 term is left out: a scaled profile is the same profile.
+        assert angular_correlation(3 * ref[..., 2:], ref[..., 2:], bvecs[2:], mask, sh_order=order) == pytest.approx(1.0)
+        assert angular_correlation(turned[..., 2:], ref[..., 2:], bvecs[2:], mask, sh_order=order) < 0.7
+    assert np.isnan(angular_correlation(ref[..., 2:20], ref[..., 2:20], bvecs[2:20], mask, sh_order=6))
+
+
+def test_csd_peak_error_is_zero_for_the_full_series_and_large_for_scrambled_directions(fibre_voxels):
+    from qid2_diffusers.evaluation.metrics import HighBReference
+
+    ref, turned, bvals, bvecs = fibre_voxels
+    mask = np.ones(ref.shape[:3], bool)
+    reference = HighBReference(ref, bvals, bvecs, mask, fit_tensor(ref, bvals, bvecs, mask).fa)
+    same = reference.score(ref)
+    assert same["csd_peak_error_deg"] == pytest.approx(0.0, abs=1e-6) and same["n_csd_voxels"] == 72
+    assert same["acc_sh6"] == pytest.approx(1.0) and same["acc_sh8"] == pytest.approx(1.0)
+    scrambled = ref.copy()
+    scrambled[..., 2:] = ref[..., 2 + np.random.default_rng(1).permutation(60)]
+    far = reference.score(scrambled)
+    assert far["csd_peak_error_deg"] > 40 and far["acc_sh6"] < 0.3
+    # A 40-degree turn about z moves the first peak by 40 degrees times sin(theta): on average about 31.
+    assert 20 < reference.score(turned)["csd_peak_error_deg"] < 40
+    few = HighBReference(ref, bvals, bvecs, mask, fit_tensor(ref, bvals, bvecs, mask).fa, max_voxels=10)
+    assert few.score(scrambled)["n_csd_voxels"] == 10
+
+
+def test_per_slice_fa_error_splits_the_case_value():
+    from qid2_diffusers.evaluation.metrics import fa_error_per_slice
+
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1, (5, 4, 3))
+    pred = ref + rng.normal(0, 0.1, ref.shape)
+    mask = np.ones(ref.shape, bool)
+    mask[:, :, 1] = False  # a slice without brain is left out
+    mask[0, 0, 2] = False
+    per = fa_error_per_slice(pred, ref, mask)
+    assert per["slice"] == [0, 2] and per["n_voxels"] == [20, 19]
+    assert per["fa_mae"][0] == pytest.approx(np.abs(pred - ref)[:, :, 0].mean())
+    assert np.average(per["fa_mae"], weights=per["n_voxels"]) == pytest.approx(np.abs(pred - ref)[mask].mean())

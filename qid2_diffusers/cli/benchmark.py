@@ -1,4 +1,4 @@
-"""``qid2 benchmark``: QID² and the baselines on held-out subjects, the paper's protocol.
+"""``qid2 benchmark``: QID² and the baselines on held-out subjects or real scans, the paper's protocol.
 
 The command line of :func:`qid2_diffusers.evaluation.benchmark.run_benchmark`.
 """
@@ -24,27 +24,54 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _labelled_paths(text: str) -> list[tuple[str, str]]:
+    pairs = [item.partition("=") for item in _names(text)]
+    if not pairs or any(not label or not sep or not path for label, sep, path in pairs):
+        raise argparse.ArgumentTypeError(f"expected label=PATH[,label=PATH...], got {text!r}")
+    return [(label.strip(), path.strip()) for label, _, path in pairs]
+
+
 def add_parser(subparsers):
     from ..baselines import METHODS
+    from ..data.real import default_real_data_dir
+    from ..evaluation.benchmark import PHANTOM_METHODS
     from ..schedulers import SCHEDULERS
 
     p = subparsers.add_parser(
         "benchmark",
-        help="run QID² and the baselines on held-out subjects and write a Table-1 report",
+        help="run QID² and the baselines on held-out subjects or real scans and write a report",
         description=(
-            "Evaluate up-samplers with the paper's protocol on held-out subjects: keep 30 of the b=1000 "
-            "directions, predict the other 60, score images and tensor maps inside the brain mask against the "
-            "acquisition (and the noise-free truth of phantoms). Writes results.json, results.md and figures."
+            "Evaluate up-samplers with the paper's protocol on held-out subjects (--data: keep 30 of the b=1000 "
+            "directions, predict the other 60; Table 1) or on the real scans (--real: per case, keep a uniform "
+            "third of the shell, predict the rest; the FA-error ratio to DTI-predict per case and slice). Images "
+            "and tensor maps are scored inside the mask against the full acquisition (and the noise-free truth of "
+            "phantoms); shells of b >= 2000 also get SH angular correlation and CSD peak error. Writes "
+            "results.json, results.md and figures."
         ),
     )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--data", metavar="DIR", help="dataset folder (HCP or BIDS layout, e.g. `qid2 phantom` output)"
+    )
+    source.add_argument(
+        "--real",
+        nargs="?",
+        const=str(default_real_data_dir()),
+        metavar="DIR",
+        help="score the real scans instead (mdt Siemens b=1000/2000, MRtrix3 crops b=700/1200/2800 and 3000); "
+        f"DIR defaults to {default_real_data_dir()} ($QID2_REAL_DATA)",
+    )
     p.add_argument(
-        "--data", required=True, metavar="DIR", help="dataset folder (HCP or BIDS layout, e.g. `qid2 phantom` output)"
+        "--cases",
+        type=_names,
+        metavar="NAME,...",
+        help="with --real, only these cases, e.g. mrtrix-b3000,mdt-b1000 (default: all)",
     )
     p.add_argument(
         "--methods",
         type=_names,
-        default="qid2,cgan,qgan,interp,dti,sh4",
-        help=f"comma-separated methods from {', '.join(METHODS)} (default: %(default)s)",
+        help=f"comma-separated methods from {', '.join(METHODS)} (default: {','.join(PHANTOM_METHODS)} with "
+        "--data, all of them with --real, where dti is always added)",
     )
     p.add_argument(
         "--R",
@@ -66,17 +93,28 @@ def add_parser(subparsers):
     )
     p.add_argument("--cgan", nargs="+", metavar="PATH", help="cGAN generator folder per R, in --R order")
     p.add_argument("--qgan", nargs="+", metavar="PATH", help="qGAN generator folder per R, in --R order")
+    p.add_argument(
+        "--qid2-models",
+        type=_labelled_paths,
+        metavar="LABEL=PATH,...",
+        help="QID² models to compare, one row each at its own R, e.g. paper=runs/a,prior=runs/b "
+        "(without --model they replace the shipped model)",
+    )
     held = p.add_mutually_exclusive_group()
     held.add_argument(
         "--subjects",
         type=int,
         default=3,
         metavar="K",
-        help="evaluate the last K subjects found (the held-out ones; default: %(default)s)",
+        help="with --data, evaluate the last K subjects found (the held-out ones; default: %(default)s)",
     )
     held.add_argument("--subject-ids", nargs="+", metavar="ID", help="evaluate these subjects instead")
-    p.add_argument("--shell", type=float, default=1000, help="b-value of the shell to up-sample (default: %(default)g)")
-    p.add_argument("--n-acquired", type=int, default=30, help="directions kept as acquired (default: %(default)s)")
+    p.add_argument(
+        "--shell", type=float, default=1000, help="with --data, b-value of the shell to up-sample (default: %(default)g)"
+    )
+    p.add_argument(
+        "--n-acquired", type=int, default=30, help="with --data, directions kept as acquired (default: %(default)s)"
+    )
     p.add_argument(
         "--sweep-steps", type=_int_list, metavar="N,N,...", help="also sweep QID² sampling steps, e.g. 5,10,20,50"
     )
@@ -92,7 +130,7 @@ def add_parser(subparsers):
         type=int,
         default=1,
         metavar="K",
-        help="held-out subjects the sweep runs on, the first K (default: %(default)s)",
+        help="subjects (or cases) the sweep runs on, the first K (default: %(default)s)",
     )
     p.add_argument(
         "--sweep-slices",
@@ -125,6 +163,8 @@ def run(args) -> int:
     config = BenchmarkConfig(
         data=args.data,
         out=args.out,
+        real=args.real,
+        cases=args.cases,
         methods=args.methods,
         num_references=args.R,
         scheduler=args.scheduler,
@@ -132,6 +172,7 @@ def run(args) -> int:
         model=args.model,
         cgan=args.cgan,
         qgan=args.qgan,
+        qid2_models=args.qid2_models,
         subjects=args.subjects,
         subject_ids=args.subject_ids,
         shell=args.shell,

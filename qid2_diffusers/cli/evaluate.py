@@ -67,7 +67,9 @@ def run(args) -> int:
         f"({result['n_carried_over']} carried over): "
         + ", ".join(
             f"{k} {_format(result[k])}"
-            for k in ("ssim", "psnr", "nrmse", "fa_mae", "fa_ssim", "md_mae", "angular_error_deg", "fid")
+            for k in ("ssim", "psnr", "nrmse", "fa_mae", "fa_ssim", "md_mae", "angular_error_deg", "acc_sh6",
+                      "acc_sh8", "csd_peak_error_deg", "fid")
+            if k in result
         )
     )
     if args.out:

@@ -1,14 +1,21 @@
 """Evaluation of up-samplers: the paper's metrics and more, inside the brain mask.
 
 :mod:`~qid2_diffusers.evaluation.benchmark` runs every method on held-out
-subjects (``qid2 benchmark``); :func:`evaluate_files` scores files on disk
+subjects or the real scans (``qid2 benchmark``), each a
+:class:`~qid2_diffusers.evaluation.cases.BenchmarkCase`, and
+:mod:`~qid2_diffusers.evaluation.ratios` gives the real-scan judgement, the
+FA-error ratio to a tensor fit; :func:`evaluate_files` scores files on disk
 (``qid2 evaluate``); :mod:`~qid2_diffusers.evaluation.report` writes tables and figures.
 """
 
 from .fid import FID_UNAVAILABLE, frechet_distance, inception_features, load_inception
 from .metrics import (
     FIBRE_FA,
+    HIGH_B,
     MIN_MASK_VOXELS,
+    HighBReference,
+    angular_correlation,
+    fa_error_per_slice,
     image_metrics,
     nrmse,
     principal_angle_deg,
@@ -31,6 +38,10 @@ __all__ = [
     "image_metrics",
     "principal_angle_deg",
     "tensor_metrics",
+    "fa_error_per_slice",
+    "HIGH_B",
+    "angular_correlation",
+    "HighBReference",
     "match_volumes",
     "SubjectEvaluation",
     "summarize",

@@ -16,6 +16,7 @@ import numpy as np
 from ..data.io import extract_shell, load_dwi, load_mask, shell_indices
 from ..errors import QID2InputError
 from .fid import FID_UNAVAILABLE, frechet_distance, inception_features, load_inception
+from .metrics import HIGH_B
 from .protocol import SubjectEvaluation
 
 __all__ = ["resolve_prefix", "evaluate_files"]
@@ -55,7 +56,8 @@ def evaluate_files(pred_prefix, ref_prefix, mask_path, *, shell=None, fid_weight
     Returns:
         `dict`: the metrics against the reference (snake-case keys such as
         ``ssim``, ``psnr``, ``nrmse``, ``fa_mae``, ``fa_ssim``, ``md_mae``,
-        ``angular_error_deg``, ``fid``) and what was matched.
+        ``angular_error_deg``, ``fid``; for b >= ``HIGH_B`` also ``acc_sh6``, ``acc_sh8``,
+        ``csd_peak_error_deg``) and what was matched.
     """
     pred = load_dwi(resolve_prefix(pred_prefix))
     ref = load_dwi(resolve_prefix(ref_prefix))
@@ -71,7 +73,8 @@ def evaluate_files(pred_prefix, ref_prefix, mask_path, *, shell=None, fid_weight
     pred_dw = _pred_shell(pred, shell)
     shell = float(np.median(pred.bvals[pred_dw]))
     ref_shell = extract_shell(ref, shell)
-    evaluation = SubjectEvaluation(np.asarray(ref_shell.data, dtype=np.float32), ref_shell.bvals, ref_shell.bvecs, mask)
+    evaluation = SubjectEvaluation(np.asarray(ref_shell.data, dtype=np.float32), ref_shell.bvals, ref_shell.bvecs, mask,
+                                   high_b=shell >= HIGH_B)
 
     try:
         idx = evaluation.volume_indices(pred.bvecs[pred_dw])

@@ -1,14 +1,21 @@
-"""Image and tensor metrics, computed inside the brain mask.
+"""Image, tensor and high-b metrics, computed inside the brain mask.
 
 The one implementation of every number the evaluation reports: ``qid2
-evaluate``, ``qid2 benchmark`` and the tests all call these functions.
+evaluate``, ``qid2 benchmark`` and the tests all call these functions. Shells
+of b >= :data:`HIGH_B` are also scored with the measures high-b users read:
+the angular correlation of SH fits and the CSD peak-direction error
+(:class:`HighBReference`).
 """
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
 
 from ..directions import normalize_bvecs
+from ..gradients import B0_THRESHOLD, split_scheme
 
 __all__ = [
     "MIN_MASK_VOXELS",
@@ -19,6 +26,11 @@ __all__ = [
     "image_metrics",
     "principal_angle_deg",
     "tensor_metrics",
+    "fa_error_per_slice",
+    "HIGH_B",
+    "ACC_ORDERS",
+    "angular_correlation",
+    "HighBReference",
 ]
 
 #: Slices with fewer brain voxels than this are skipped by the per-slice SSIM:
@@ -184,3 +196,197 @@ def tensor_metrics(
         "angular_error_deg": float(angles.mean()) if angles.size else float("nan"),
         "n_fibre_voxels": int(fibres.sum()),
     }
+
+
+def fa_error_per_slice(pred_fa, ref_fa, mask=None, *, axis: int = 2) -> dict:
+    """FA mean absolute error of each slice holding brain, and its brain-voxel count.
+
+    The voxel-weighted mean of ``fa_mae`` is :func:`tensor_metrics`'s ``fa_mae``
+    of the same maps: the per-slice values split that one number, they do not redefine it.
+
+    Returns:
+        `dict`: ``slice`` (indices along ``axis``), ``n_voxels`` and ``fa_mae``, one entry per slice.
+    """
+    mask = _mask_of(mask, np.shape(ref_fa))
+    error = np.moveaxis(np.abs(np.asarray(pred_fa, np.float64) - np.asarray(ref_fa, np.float64)), axis, 0)
+    mask = np.moveaxis(mask, axis, 0)
+    counts = mask.sum(axis=(1, 2))
+    kept = np.flatnonzero(counts)
+    return {
+        "slice": kept.tolist(),
+        "n_voxels": counts[kept].tolist(),
+        "fa_mae": [float(error[k][mask[k]].mean()) for k in kept],
+    }
+
+
+# ---------------------------------------------------------------------------
+# The measures high-b users read: angular correlation of SH fits, CSD peaks
+
+#: Shells at or above this b-value (s/mm²) are also scored with :class:`HighBReference`.
+HIGH_B = 2000.0
+
+#: SH orders of the angular correlation coefficient.
+ACC_ORDERS = (6, 8)
+
+#: Voxels above this FA (of the reference's tensor fit) give the CSD response, as dipy's ``auto_response_ssst``.
+RESPONSE_FA = 0.7
+
+#: Fewest response voxels; with fewer above :data:`RESPONSE_FA` (a small crop), the highest-FA voxels are used.
+MIN_RESPONSE_VOXELS = 10
+
+#: Most fibre voxels whose CSD peaks are compared, evenly spread over them: a few seconds per series.
+MAX_CSD_VOXELS = 1000
+
+#: Peaks are found on this dipy sphere (724 points, about 7 degrees apart); the fit, not the sphere, costs.
+CSD_SPHERE = "repulsion724"
+
+
+def _sh_coefficients(signal, bvecs, sh_order: int) -> np.ndarray:
+    """Least-squares SH coefficients (``tournier07``, non-legacy: orthonormal) of signals ``(V, N)``."""
+    from dipy.core.sphere import Sphere
+    from dipy.reconst.shm import sf_to_sh
+
+    return sf_to_sh(np.asarray(signal, dtype=np.float64), Sphere(xyz=normalize_bvecs(bvecs)),
+                    sh_order_max=sh_order, basis_type="tournier07", legacy=False)
+
+
+def _n_coefficients(sh_order: int) -> int:
+    return (sh_order + 1) * (sh_order + 2) // 2
+
+
+def _mean_acc(pred_signal, ref_sh, bvecs, sh_order: int) -> float:
+    """Mean ACC of signals ``(V, N)`` against reference coefficients ``(V, K)``; the l = 0 term is left out."""
+    u = _sh_coefficients(pred_signal, bvecs, sh_order)[:, 1:]
+    v = ref_sh[:, 1:]
+    norm = np.sqrt(np.sum(u * u, axis=1) * np.sum(v * v, axis=1))
+    acc = np.sum(u * v, axis=1)[norm > 0] / norm[norm > 0]
+    return float(acc.mean()) if acc.size else float("nan")
+
+
+def angular_correlation(pred, ref, bvecs, mask=None, *, sh_order: int = 6) -> float:
+    """Angular correlation coefficient (Anderson 2005) of two series on one shell, averaged over the mask.
+
+    Each voxel's signal is fitted with even SH up to ``sh_order`` (dipy's
+    ``sf_to_sh``, plain least squares); the ACC is the correlation of the two
+    coefficient vectors without the l = 0 term, so it compares angular shape,
+    not intensity: 1 for the same profile, 0 for unrelated ones.
+
+    Args:
+        pred, ref (`np.ndarray` of shape `(X, Y, Z, N)`): the diffusion-weighted volumes of one shell.
+        bvecs (`array-like` of shape `(N, 3)`): their directions.
+        mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): voxels averaged; defaults to all.
+        sh_order (`int`, *optional*, defaults to 6): maximum even order.
+
+    Returns:
+        `float`: mean ACC over the voxels where it is defined; NaN when the
+        shell has fewer directions than the fit has coefficients.
+    """
+    mask = _mask_of(mask, np.shape(ref)[:3])
+    if len(bvecs) < _n_coefficients(sh_order):
+        return float("nan")
+    ref_sh = _sh_coefficients(np.asarray(ref)[mask], bvecs, sh_order)
+    return _mean_acc(np.asarray(pred)[mask], ref_sh, bvecs, sh_order)
+
+
+@contextmanager
+def _quiet_csd():
+    # dipy's CSD builds its matrices in the legacy SH basis (a PendingDeprecationWarning) and warns when
+    # its iterations stop at the limit; neither changes what is compared.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        warnings.filterwarnings("ignore", message="maximum number of iterations")
+        yield
+
+
+def _max_sh_order(n_directions: int, cap: int = 8) -> int:
+    order = cap
+    while order > 2 and _n_coefficients(order) > n_directions:
+        order -= 2
+    return order
+
+
+class HighBReference:
+    """The full acquisition of a high-b shell, prepared once to score many up-sampled series.
+
+    Holds its SH coefficients (orders :data:`ACC_ORDERS`) and the first CSD peak
+    (dipy's ``ConstrainedSphericalDeconvModel``, response from
+    ``response_from_mask_ssst`` on the reference's voxels with FA >
+    :data:`RESPONSE_FA`, ``peaks_from_model``) in up to :data:`MAX_CSD_VOXELS`
+    fibre voxels (FA > ``fibre_fa``), evenly spread; :meth:`score` repeats both
+    on an up-sampled series with the same model and voxels.
+
+    Args:
+        reference (`np.ndarray` of shape `(X, Y, Z, N)`): b0 volumes and one full shell.
+        bvals (`array-like` of shape `(N,)`), bvecs (`array-like` of shape `(N, 3)`): its scheme.
+        mask (`np.ndarray` of shape `(X, Y, Z)`): brain mask.
+        fa (`np.ndarray` of shape `(X, Y, Z)`): FA of the reference's tensor fit.
+        fibre_fa (`float`, *optional*, defaults to :data:`FIBRE_FA`): FA above which peaks are compared.
+        max_voxels (`int`, *optional*, defaults to :data:`MAX_CSD_VOXELS`): most voxels whose peaks are compared.
+    """
+
+    def __init__(self, reference, bvals, bvecs, mask, fa, *, fibre_fa: float = FIBRE_FA,
+                 max_voxels: int = MAX_CSD_VOXELS):
+        from dipy.core.gradients import gradient_table
+        from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel, response_from_mask_ssst
+
+        self.bvals = np.asarray(bvals, dtype=np.float64)
+        self.bvecs = np.asarray(bvecs, dtype=np.float64)
+        self.mask = _mask_of(mask, np.shape(reference)[:3])
+        _, self.dw = split_scheme(self.bvals)
+        reference = np.asarray(reference, dtype=np.float32)
+        self.reference_sh = {
+            order: _sh_coefficients(reference[self.mask][:, self.dw], self.bvecs[self.dw], order)
+            for order in ACC_ORDERS
+            if len(self.dw) >= _n_coefficients(order)
+        }
+        fa = np.where(self.mask, np.asarray(fa, dtype=np.float64), 0.0)
+        fibres = np.argwhere(self.mask & (fa > fibre_fa))
+        self.voxels = fibres[np.unique(np.linspace(0, len(fibres) - 1, min(len(fibres), max_voxels)).astype(int))]
+        self.model, self.reference_peaks = None, None
+        if len(self.voxels):
+            gtab = gradient_table(self.bvals, bvecs=self.bvecs, b0_threshold=B0_THRESHOLD)
+            response_mask = fa > RESPONSE_FA
+            if response_mask.sum() < MIN_RESPONSE_VOXELS:
+                response_mask = fa >= np.sort(fa[self.mask])[-min(MIN_RESPONSE_VOXELS, int(self.mask.sum()))]
+            response, _ = response_from_mask_ssst(gtab, reference, (response_mask & self.mask).astype(np.uint8))
+            with _quiet_csd():
+                self.model = ConstrainedSphericalDeconvModel(gtab, response, sh_order_max=_max_sh_order(len(self.dw)))
+            self.reference_peaks = self._first_peaks(reference)
+
+    def _first_peaks(self, series) -> np.ndarray:
+        """First CSD peak ``(V, 3)`` of :attr:`voxels` (zero where the ODF has no peak)."""
+        from dipy.data import get_sphere
+        from dipy.direction.peaks import peaks_from_model
+
+        data = np.asarray(series, dtype=np.float64)[tuple(self.voxels.T)][:, None, None, :]
+        with _quiet_csd():
+            peaks = peaks_from_model(self.model, np.maximum(data, 1e-6), get_sphere(name=CSD_SPHERE),
+                                     relative_peak_threshold=0.5, min_separation_angle=25,
+                                     return_sh=False, npeaks=1)
+        return peaks.peak_dirs[:, 0, 0, 0, :]
+
+    def score(self, series) -> dict:
+        """ACC and CSD peak error of an up-sampled series on the reference's scheme and grid.
+
+        Returns:
+            `dict`: ``acc_sh6``, ``acc_sh8`` (mean over the mask; NaN without
+            enough directions), ``csd_peak_error_deg`` (mean angle between
+            first peaks, either sign, over ``n_csd_voxels`` voxels where both
+            series have a peak; NaN without fibre voxels).
+        """
+        series = np.asarray(series, dtype=np.float32)
+        out = {}
+        for order in ACC_ORDERS:
+            ref_sh = self.reference_sh.get(order)
+            out[f"acc_sh{order}"] = (
+                float("nan") if ref_sh is None
+                else _mean_acc(series[self.mask][:, self.dw], ref_sh, self.bvecs[self.dw], order)
+            )
+        angles = np.array([])
+        if self.model is not None:
+            peaks = self._first_peaks(series)
+            both = (np.abs(peaks).sum(axis=1) > 0) & (np.abs(self.reference_peaks).sum(axis=1) > 0)
+            angles = principal_angle_deg(peaks[both], self.reference_peaks[both]) if both.any() else angles
+        out["csd_peak_error_deg"] = float(angles.mean()) if angles.size else float("nan")
+        out["n_csd_voxels"] = int(angles.size)
+        return out

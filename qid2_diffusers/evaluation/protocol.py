@@ -6,7 +6,10 @@ image against the acquired volumes at the same directions, and the tensors
 fitted on b0 + 30 acquired + 60 predicted volumes are compared with those
 fitted on b0 + all 90 acquired. A phantom also carries its noise-free signal
 (the truth), against which the same numbers are computed, together with the
-acquisition's own distance from the truth, its noise floor.
+acquisition's own distance from the truth, its noise floor. A high-b shell
+(b >= :data:`~qid2_diffusers.evaluation.metrics.HIGH_B`, ``high_b=True``) is
+also scored by the angular correlation of SH fits and the CSD peak error of
+the whole up-sampled series (:class:`~qid2_diffusers.evaluation.metrics.HighBReference`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from ..directions import angular_distance, normalize_bvecs
 from ..tensor import fit_tensor
 from ..gradients import split_scheme
-from .metrics import FIBRE_FA, MIN_MASK_VOXELS, image_metrics, tensor_metrics
+from .metrics import FIBRE_FA, MIN_MASK_VOXELS, HighBReference, image_metrics, tensor_metrics
 
 __all__ = ["match_volumes", "SubjectEvaluation", "MATCH_TOLERANCE_DEG"]
 
@@ -69,6 +72,9 @@ class SubjectEvaluation:
         min_mask_voxels (`int`, *optional*, defaults to :data:`~qid2_diffusers.evaluation.metrics.MIN_MASK_VOXELS`):
             slices with fewer brain voxels are left out of the SSIMs.
         fibre_fa (`float`, *optional*, defaults to 0.2): FA above which principal directions are compared.
+        high_b (`bool`, *optional*, defaults to `False`): also score ``acc_sh6``, ``acc_sh8`` and
+            ``csd_peak_error_deg`` (:class:`~qid2_diffusers.evaluation.metrics.HighBReference`);
+            a few seconds per series, so callers turn it on for shells of b >= ``HIGH_B``.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class SubjectEvaluation:
         *,
         min_mask_voxels: int = MIN_MASK_VOXELS,
         fibre_fa: float = FIBRE_FA,
+        high_b: bool = False,
     ):
         self.data = np.asarray(data, dtype=np.float32)
         self.bvals = np.asarray(bvals, dtype=np.float64)
@@ -93,6 +100,7 @@ class SubjectEvaluation:
             raise ValueError(f"truth shape {self.truth.shape} does not match the data's {self.data.shape}")
         self.min_mask_voxels = int(min_mask_voxels)
         self.fibre_fa = float(fibre_fa)
+        self.high_b = bool(high_b)
         _, self.dw = split_scheme(self.bvals, self.bvecs)
 
     @cached_property
@@ -104,6 +112,19 @@ class SubjectEvaluation:
     def truth_maps(self):
         """Tensor fit of the noise-free signal, or ``None`` without a truth."""
         return None if self.truth is None else fit_tensor(self.truth, self.bvals, self.bvecs, self.mask)
+
+    @cached_property
+    def high_b_reference(self):
+        """The full acquisition's SH fits and CSD peaks (:class:`~qid2_diffusers.evaluation.metrics.HighBReference`)."""
+        return HighBReference(self.data, self.bvals, self.bvecs, self.mask, self.reference_maps.fa,
+                              fibre_fa=self.fibre_fa)
+
+    @cached_property
+    def truth_high_b_reference(self):
+        """The same of the noise-free signal, or ``None`` without a truth."""
+        if self.truth is None:
+            return None
+        return HighBReference(self.truth, self.bvals, self.bvecs, self.mask, self.truth_maps.fa, fibre_fa=self.fibre_fa)
 
     def volume_indices(self, target_bvecs) -> np.ndarray:
         """Indices (into the full scheme) of the volumes at ``target_bvecs``, matched antipodally."""
@@ -118,13 +139,16 @@ class SubjectEvaluation:
         combined[..., self.volume_indices(target_bvecs)] = pred
         return combined
 
-    def _scores(self, pred, reference, maps, reference_maps) -> dict:
-        return {
+    def _scores(self, pred, reference, maps, reference_maps, series, high_b_reference) -> dict:
+        scores = {
             **image_metrics(pred, reference, self.mask, min_mask_voxels=self.min_mask_voxels),
             **tensor_metrics(
                 maps, reference_maps, self.mask, fibre_fa=self.fibre_fa, min_mask_voxels=self.min_mask_voxels
             ),
         }
+        if self.high_b:
+            scores.update(high_b_reference.score(series))
+        return scores
 
     def score(self, pred, target_bvecs, *, return_maps: bool = False):
         """Score predicted volumes.
@@ -140,15 +164,18 @@ class SubjectEvaluation:
             `dict`: ``{"acquired": metrics}`` plus ``"truth": metrics`` when a
             truth was given; ``metrics`` holds the keys of
             :func:`~qid2_diffusers.evaluation.metrics.image_metrics` and
-            :func:`~qid2_diffusers.evaluation.metrics.tensor_metrics`.
+            :func:`~qid2_diffusers.evaluation.metrics.tensor_metrics`, and with
+            ``high_b`` those of :meth:`~qid2_diffusers.evaluation.metrics.HighBReference.score`.
         """
         idx = self.volume_indices(target_bvecs)
         combined = self.combine(pred, target_bvecs)
         maps = fit_tensor(combined, self.bvals, self.bvecs, self.mask)
         pred = combined[..., idx]
-        scores = {"acquired": self._scores(pred, self.data[..., idx], maps, self.reference_maps)}
+        scores = {"acquired": self._scores(pred, self.data[..., idx], maps, self.reference_maps, combined,
+                                           self.high_b and self.high_b_reference)}
         if self.truth is not None:
-            scores["truth"] = self._scores(pred, self.truth[..., idx], maps, self.truth_maps)
+            scores["truth"] = self._scores(pred, self.truth[..., idx], maps, self.truth_maps, combined,
+                                           self.high_b and self.truth_high_b_reference)
         return (scores, maps) if return_maps else scores
 
     def score_acquisition(self, target_bvecs) -> dict:
@@ -161,4 +188,5 @@ class SubjectEvaluation:
         if self.truth is None:
             raise ValueError("the noise floor needs the noise-free truth")
         idx = self.volume_indices(target_bvecs)
-        return self._scores(self.data[..., idx], self.truth[..., idx], self.reference_maps, self.truth_maps)
+        return self._scores(self.data[..., idx], self.truth[..., idx], self.reference_maps, self.truth_maps,
+                            self.data, self.high_b and self.truth_high_b_reference)

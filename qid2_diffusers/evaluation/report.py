@@ -1,4 +1,5 @@
-"""Writing results: strict JSON, the Markdown table in the paper's Table 1 layout, and figures."""
+"""Writing results: strict JSON, the Markdown tables (the paper's Table 1 layout for phantoms, one row
+per case and method for real scans) and figures."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ __all__ = [
     "format_mean_std",
     "results_table",
     "tests_table",
+    "case_table",
+    "pooled_table",
+    "per_slice_table",
     "save_figure",
     "fa_figure",
     "slice_grid_figure",
     "sweep_figure",
+    "ratio_figure",
 ]
 
 
@@ -84,6 +89,13 @@ COLUMNS = [
     ("Image SSIM vs truth ↑", "truth", "ssim", 3, 1.0, False),
 ]
 
+#: Columns of the measures high-b users read; shown only when a row has them (shells of b >= 2000).
+HIGH_B_COLUMNS = [
+    ("ACC SH6 ↑", "acquired", "acc_sh6", 3, 1.0, False),
+    ("ACC SH8 ↑", "acquired", "acc_sh8", 3, 1.0, False),
+    ("CSD Peak Error (°) ↓", "acquired", "csd_peak_error_deg", 2, 1.0, True),
+]
+
 
 def results_table(rows, *, fid=None, has_truth: bool = True) -> str:
     """The Markdown results table.
@@ -97,8 +109,11 @@ def results_table(rows, *, fid=None, has_truth: bool = True) -> str:
         has_truth (`bool`, *optional*, defaults to `True`): include the columns against the truth.
 
     Best values of each column (among rows that have it) are bold, as in the paper.
+    The :data:`HIGH_B_COLUMNS` appear when some row has them.
     """
-    columns = [c for c in COLUMNS if has_truth or c[1] != "truth"]
+    columns = [c for c in COLUMNS if has_truth or c[1] != "truth"] + [
+        c for c in HIGH_B_COLUMNS if any(s.get(c[1], {}).get(c[2], {}).get("mean") is not None for _, s in rows)
+    ]
     best = {}
     for header, ref, metric, _, _, lower in columns:
         if ref is None:
@@ -307,3 +322,143 @@ def sweep_table(sweep: dict, reference: tuple, tolerance: float = 0.05) -> str:
         truth = f"{v['fa_mae_truth']:.4f}" if v.get("fa_mae_truth") is not None else "–"
         lines.append(f"| {name} | {key[1]} | {v['fa_mae']:.4f} | {ratio:.3f}{flag} | {v['ssim']:.3f} | {truth} |")
     return "\n".join(lines)
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _number(value, digits: int, scale: float = 1.0) -> str:
+    return f"{value * scale:.{digits}f}" if _finite(value) else "–"
+
+
+def _pvalues(test) -> str:
+    """``"t / Wilcoxon (n = k)"`` of a :func:`~qid2_diffusers.evaluation.paired_tests` dict."""
+    if test is None:
+        return "–"
+    if test["t_pvalue"] is None:
+        return f"n/a (n = {test['n']})"
+    return f"{test['t_pvalue']:.3g} / {test['wilcoxon_pvalue']:.3g} (n = {test['n']})"
+
+
+def case_table(rows, baseline_label: str) -> str:
+    """Markdown table of a real-scan run: one row per case and method, the FA-error ratio first.
+
+    Args:
+        rows (`list` of `dict`): ``case``, ``label``, ``scores`` (the method's entry of
+            ``results.json``: ``{"acquired": metrics}`` or ``{"skipped": reason}``), ``ratio``
+            (FA MAE over the baseline's, or ``None``) and ``test`` (paired tests over slices
+            against the baseline, or ``None``).
+        baseline_label (`str`): the ratio's denominator, e.g. ``"DTI-predict"``.
+
+    The ratio is bold where it is below 1: the method beats the baseline on that case.
+    Columns of :data:`HIGH_B_COLUMNS` appear when some row has them.
+    """
+    picked = ("fa_mae", "fa_ssim", "ssim", "nrmse", "angular_error_deg")
+    columns = sorted((c for c in COLUMNS if c[1] == "acquired" and c[2] in picked), key=lambda c: picked.index(c[2]))
+    columns += [c for c in HIGH_B_COLUMNS if any(_finite(r["scores"].get("acquired", {}).get(c[2])) for r in rows)]
+    # One case's FA error is a single number, not a mean over subjects: one more digit.
+    digits = {c[2]: c[3] + (c[2] == "fa_mae") for c in columns}
+    lines = [
+        f"| Case | Methods | FA Error / {baseline_label} ↓ | " + " | ".join(c[0] for c in columns)
+        + f" | p vs {baseline_label}, slices (t / Wilcoxon) |",
+        "|---|---|---|" + "---|" * len(columns) + "---|",
+    ]
+    for row in rows:
+        metrics = row["scores"].get("acquired")
+        if metrics is None:
+            cells = ["n/a"] * (len(columns) + 1) + ["did not run (notes)"]
+        else:
+            ratio = row["ratio"]
+            ratio_cell = "–" if ratio is None else (f"**{ratio:.3f}**" if ratio < 1 else f"{ratio:.3f}")
+            cells = [ratio_cell] + [_number(metrics.get(c[2]), digits[c[2]], c[4]) for c in columns]
+            cells.append(_pvalues(row["test"]))
+        lines.append(f"| {row['case']} | {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pooled_table(section: dict, labels: dict) -> str:
+    """Markdown summary of a :func:`~qid2_diffusers.evaluation.ratios.ratio_section` over every case.
+
+    One row per method: cases where it beats the baseline, the geometric mean of its
+    ratios, and the paired tests over every slice of every case pooled.
+    """
+    base = labels[section["baseline"]]
+    lines = [
+        f"Over all cases (ratio = FA Error / {base}; tests pair each slice's FA Error with {base}'s, every slice "
+        "of every case pooled):",
+        "",
+        f"| Methods | cases with ratio < 1 | geometric mean ratio | slices | mean FA Error − {base}'s | "
+        "p (t / Wilcoxon) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, summary in section["summary"].items():
+        test = section["tests"]["pooled"].get(key)
+        g = summary["geometric_mean_ratio"]
+        mean_cell = "–" if test is None or test["mean_difference"] is None else f"{test['mean_difference']:+.4f}"
+        lines.append(
+            f"| {labels[key]} | {summary['cases_below_1']} of {summary['cases']} | "
+            + ("–" if g is None else (f"**{g:.3f}**" if g < 1 else f"{g:.3f}"))
+            + f" | {'–' if test is None else test['n']} | {mean_cell} | "
+            + ("–" if test is None else _pvalues(test).rsplit(" (n", 1)[0]) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_slice_table(section: dict, labels: dict) -> str:
+    """Markdown table of the per-slice FA-error ratios of a
+    :func:`~qid2_diffusers.evaluation.ratios.ratio_section`: one row per case and axial slice."""
+    base = section["baseline"]
+    keys = list(dict.fromkeys(k for per in section["per_slice"].values() for k in per["ratio"] if k != base))
+    lines = [
+        f"Per axial slice (FA Error of {labels[base]}, and each method's ratio to it):",
+        "",
+        f"| Case | slice | voxels | {labels[base]} FA Error | " + " | ".join(labels[k] for k in keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
+    for case, per in section["per_slice"].items():
+        for i, z in enumerate(per["slice"]):
+            cells = [_number(per["ratio"][k][i], 3) if k in per["ratio"] else "n/a" for k in keys]
+            lines.append(f"| {case} | {z} | {per['n_voxels'][i]} | {per['fa_mae'][base][i]:.4f} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_figure(ratios: dict, baseline_label: str):
+    """Grouped bars of the FA-error ratio to ``baseline_label``, one group per case, log scale; 1 is the baseline.
+
+    Args:
+        ratios (`dict`): case -> method label -> ratio (``None`` where the method did not run).
+        baseline_label (`str`): the denominator, drawn as the line at 1 rather than as bars.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    cases = list(ratios)
+    labels = [lab for lab in dict.fromkeys(lab for per in ratios.values() for lab, v in per.items() if v is not None)
+              if lab != baseline_label]
+    values = [v for per in ratios.values() for v in per.values() if v is not None] or [1.0]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(cases) * max(1, len(labels)) / 4 + 2), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(labels))
+    x = np.arange(len(cases))
+    for j, label in enumerate(labels):
+        heights = [ratios[c].get(label) for c in cases]
+        ax.bar(x + (j - (len(labels) - 1) / 2) * width, [np.nan if v is None else v for v in heights], width,
+               label=label)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set_yscale("log")
+    low, high = min(min(values), 1.0) / 1.15, max(max(values), 1.0) * 1.15
+    ax.set_ylim(low, high)
+    ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0) if low <= t <= high]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(x)
+    ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"FA error / {baseline_label} (log)")
+    ax.set_title(f"Below the dashed line: better FA than {baseline_label} on the same kept directions", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
