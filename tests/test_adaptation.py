@@ -93,3 +93,15 @@ def test_upsampler_adapts_per_scan_reproducibly(scan):
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, plain) and ups[0].adaptation_seconds > 0
     assert np.all(a[~mask] == 0) and np.all(np.isfinite(a))
+
+
+def test_the_models_default_adaptation_is_saved_and_used_unless_told(tmp_path):
+    from qid2_diffusers import QID2Pipeline
+
+    pipe = build_pipeline("tiny", 3, "sample", seed=0, physics_prior=True, bval_conditioning=True)
+    assert QID2Upsampler(pipe).adapt_steps == 0
+    pipe.register_to_config(default_adapt_steps=3)
+    pipe.save_pretrained(tmp_path)
+    loaded = QID2Pipeline.from_pretrained(tmp_path)
+    assert loaded.config.default_adapt_steps == 3
+    assert QID2Upsampler(loaded).adapt_steps == 3 and QID2Upsampler(loaded, adapt_steps=0).adapt_steps == 0

@@ -166,6 +166,7 @@ def adapt_pipeline(pipeline, data, bvals, bvecs, mask, *, steps: int, seed: int 
         scheduler=copy.deepcopy(pipeline.scheduler),
         default_num_inference_steps=pipeline.config.default_num_inference_steps,
         physics_prior=pipeline.physics_prior,
+        default_adapt_steps=pipeline.config.get("default_adapt_steps", 0),
     )
     adapted.set_progress_bar_config(disable=True)
     return adapted, time.perf_counter() - start

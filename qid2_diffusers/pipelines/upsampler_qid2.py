@@ -24,11 +24,11 @@ class QID2Upsampler(SliceUpsampler):
         batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
         seed (`int`, *optional*, defaults to 0): base seed.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over slices x targets.
-        adapt_steps (`int`, *optional*, defaults to 0): before sampling a volume,
-            fine-tune a copy of the model for this many steps on the scan's own
-            kept directions (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`);
-            ``pipeline`` itself is never modified. The time spent is kept in
-            :attr:`adaptation_seconds`.
+        adapt_steps (`int`, *optional*): before sampling a volume, fine-tune a
+            copy of the model for this many steps on the scan's own kept
+            directions (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`);
+            ``pipeline`` itself is never modified. Defaults to the pipeline's
+            ``default_adapt_steps``. The time spent is kept in :attr:`adaptation_seconds`.
         adapt_settings (`dict`, *optional*): overrides of
             :data:`~qid2_diffusers.pipelines.adaptation.ADAPTATION_DEFAULTS`.
 
@@ -44,12 +44,12 @@ class QID2Upsampler(SliceUpsampler):
     name = "qid2"
 
     def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True,
-                 adapt_steps: int = 0, adapt_settings: dict | None = None):
+                 adapt_steps: int | None = None, adapt_settings: dict | None = None):
         super().__init__(batch_size=batch_size, seed=seed, progress=progress)
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.num_samples = int(num_samples)
-        self.adapt_steps = int(adapt_steps)
+        self.adapt_steps = int(pipeline.config.get("default_adapt_steps", 0) if adapt_steps is None else adapt_steps)
         self.adapt_settings = dict(adapt_settings or {})
         self.adaptation_seconds = 0.0
         self._scan_pipeline = None
