@@ -3,7 +3,7 @@
     python benchmarks/bench_training.py                                  # small, R=3, batch 32, 2.5 mm (72x87), CPU
     python benchmarks/bench_training.py --device cuda --mixed_precision bf16 --steps 50 --workers 4
 
-Runs the trainer's own loss (``qid2_diffusers.training.qid2.diffusion_loss``)
+Runs the trainer's own loss (``qid2_diffusers.pipelines.training_utils.diffusion_loss``)
 on batches from a :class:`~qid2_diffusers.data.dataset.QID2Dataset` cache of a
 2.5 mm phantom slab, with AdamW, and prints steps/s, samples/s and the share of
 time spent waiting for data. The first ``--warmup`` steps are not timed.
@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 from qid2_diffusers import build_pipeline
 from qid2_diffusers.data.dataset import QID2Dataset, build_cache
 from qid2_diffusers.data.phantom import make_subject
-from qid2_diffusers.training.data import EpochSampler, random_crops
-from qid2_diffusers.training.qid2 import QID2Denoiser, diffusion_loss
+from qid2_diffusers.pipelines.training_utils import random_crops
+from qid2_diffusers.training.data import EpochSampler
+from qid2_diffusers.pipelines.training_utils import QID2Denoiser, diffusion_loss
 
 
 def main():

@@ -19,10 +19,12 @@ import qid2_diffusers
 from qid2_diffusers.training import average_weights
 from qid2_diffusers.training.checkpoints import checkpoints
 from qid2_diffusers.training.config import CONFIG_DIR
-from qid2_diffusers.training.data import EpochSampler, random_crops, step_generator
-from qid2_diffusers.training.qid2 import QID2Denoiser, QID2Trainer, diffusion_loss
+from qid2_diffusers.pipelines.training_utils import masked_mean, random_crops
+from qid2_diffusers.training.data import EpochSampler, step_generator
+from qid2_diffusers.pipelines.training_utils import QID2Denoiser, diffusion_loss
+from qid2_diffusers.training.qid2 import QID2Trainer
 from qid2_diffusers.training.reporting import MODEL_CARD_TEMPLATE, metrics_table, render_model_card, template_fields
-from qid2_diffusers.training.trainer import Trainer, masked_mean
+from qid2_diffusers.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = REPO / "training"

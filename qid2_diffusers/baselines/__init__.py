@@ -66,6 +66,7 @@ def make_upsampler(
     scheduler: str | None = None,
     num_inference_steps: int | None = None,
     num_samples: int = 1,
+    adapt_steps: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
     device=None,
@@ -85,6 +86,7 @@ def make_upsampler(
             :data:`~qid2_diffusers.schedulers.SCHEDULERS`); defaults to the saved one.
         num_inference_steps (`int`, *optional*): QID² sampling steps.
         num_samples (`int`, *optional*, defaults to 1): QID² samples averaged per target.
+        adapt_steps (`int`, *optional*): QID² test-time adaptation steps on each scan; defaults to the model's.
         batch_size (`int`, *optional*, defaults to 32): slices per network call (learned methods).
         seed (`int`, *optional*, defaults to 0): sampling seed.
         device (`str` or `torch.device`, *optional*): see
@@ -104,13 +106,13 @@ def make_upsampler(
     if name.startswith("sh"):
         return SHUpsampler(int(name[2:]))
     if name == "qid2":
-        return _make_qid2(
-            model_path, num_references, scheduler, num_inference_steps, num_samples, batch_size, seed, device, progress
-        )
+        return _make_qid2(model_path, num_references, scheduler, num_inference_steps, num_samples, adapt_steps,
+                          batch_size, seed, device, progress)
     return _make_gan(name, model_path, num_references, batch_size, device, progress)
 
 
-def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_size, seed, device, progress):
+def _make_qid2(model_path, num_references, scheduler, steps, num_samples, adapt_steps, batch_size, seed, device,
+               progress):
     from ..hub import load_pipeline, model_num_references
     from ..pipelines import QID2Upsampler
 
@@ -127,9 +129,8 @@ def _make_qid2(model_path, num_references, scheduler, steps, num_samples, batch_
     if model_num_references(path) != num_references:
         raise ValueError(f"{path}: this QID² model takes R = {model_num_references(path)}, not R = {num_references}")
     pipe = load_pipeline(path, scheduler=scheduler, device=device)
-    upsampler = QID2Upsampler(
-        pipe, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
-    )
+    upsampler = QID2Upsampler(pipe, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size,
+                              seed=seed, progress=progress, adapt_steps=adapt_steps)
     upsampler.name = f"qid2-r{num_references}"
     return upsampler
 

@@ -14,14 +14,18 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, smallest: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < smallest:
+        raise argparse.ArgumentTypeError(f"expected integers of at least {smallest}, got {text!r}")
     return values
+
+
+def _step_counts(text: str) -> list[int]:
+    return _int_list(text, smallest=0)
 
 
 def _labelled_paths(text: str) -> list[tuple[str, str]]:
@@ -100,6 +104,13 @@ def add_parser(subparsers):
         help="QID² models to compare, one row each at its own R, e.g. paper=runs/a,prior=runs/b "
         "(without --model they replace the shipped model)",
     )
+    p.add_argument(
+        "--adapt-steps",
+        type=_step_counts,
+        metavar="N,N,...",
+        help="QID² test-time adaptation steps on each scan's own kept directions; several values give one row "
+        "each, e.g. 0,150 (default: the model's default_adapt_steps)",
+    )
     held = p.add_mutually_exclusive_group()
     held.add_argument(
         "--subjects",
@@ -173,6 +184,7 @@ def run(args) -> int:
         cgan=args.cgan,
         qgan=args.qgan,
         qid2_models=args.qid2_models,
+        adapt_steps=args.adapt_steps,
         subjects=args.subjects,
         subject_ids=args.subject_ids,
         shell=args.shell,

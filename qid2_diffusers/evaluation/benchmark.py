@@ -104,6 +104,9 @@ class BenchmarkConfig:
         qid2_models (`Sequence[tuple[str, str]]`, *optional*): ``(label, folder)`` of further QID² models, each
             a row of its own at its own R (``--qid2-models label=PATH,...``); without ``model`` they replace the
             shipped one.
+        adapt_steps (`Sequence[int]`, *optional*): test-time adaptation steps of every QID² row
+            (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`), each value a row of its own;
+            defaults to each model's ``default_adapt_steps``.
         subjects (`int`, *optional*, defaults to 3): evaluate the last ``subjects`` subjects found.
         subject_ids (`Sequence[str]`, *optional*): evaluate these subjects instead.
         shell (`float`, *optional*, defaults to 1000): b-value of the shell to up-sample (``data`` only).
@@ -132,6 +135,7 @@ class BenchmarkConfig:
     cgan: Sequence | None = None
     qgan: Sequence | None = None
     qid2_models: Sequence[tuple[str, str]] | None = None
+    adapt_steps: Sequence[int] | None = None
     subjects: int = 3
     subject_ids: Sequence[str] | None = None
     shell: float = 1000
@@ -178,6 +182,8 @@ class BenchmarkConfig:
                 parts += [f"--{flag}", *map(str, getattr(self, flag))]
         if self.qid2_models:
             parts += ["--qid2-models", ",".join(f"{label}={path}" for label, path in self.qid2_models)]
+        if self.adapt_steps is not None:
+            parts += ["--adapt-steps", ",".join(map(str, self.adapt_steps))]
         if not self.is_real:
             parts += ["--subject-ids", *self.subject_ids] if self.subject_ids else ["--subjects", str(self.subjects)]
             parts += ["--shell", f"{self.shell:g}", "--n-acquired", str(self.n_acquired)]
@@ -270,10 +276,29 @@ def _method_rows(config: BenchmarkConfig) -> list[dict]:
                          "label": method_label(name, r), "weights": str(paths[i]) if paths else None})
         if name == "qid2":
             rows += _labelled_qid2_rows(config.qid2_models or ())
+    rows = _with_adaptation(rows, config.adapt_steps)
     keys = [row["key"] for row in rows]
     if len(set(keys)) != len(keys):
         raise QID2InputError(None, f"two rows would share a name ({', '.join(keys)}); rename a --qid2-models label")
     return rows
+
+
+def _with_adaptation(rows, adapt_steps) -> list[dict]:
+    """Each QID² row once per test-time adaptation setting (0: the model as trained; None: its default)."""
+    if adapt_steps is None:
+        return rows
+    if any(n < 0 for n in adapt_steps) or not adapt_steps:
+        raise QID2InputError(None, f"--adapt-steps takes non-negative step counts, got {list(adapt_steps)}")
+    out = []
+    for row in rows:
+        if row["method"] != "qid2":
+            out.append(row)
+            continue
+        for n in dict.fromkeys(int(n) for n in adapt_steps):
+            out.append({**row, "adapt_steps": n} if n == 0 else
+                       {**row, "key": f"{row['key']}-tta{n}", "label": f"{row['label']} + adaptation ({n} steps)",
+                        "adapt_steps": n})
+    return out
 
 
 def _labelled_qid2_rows(models) -> list[dict]:
@@ -410,6 +435,7 @@ def _load_methods(rows, config: BenchmarkConfig, device, log) -> dict:
                 model_path=row["weights"],
                 scheduler=config.scheduler if row["method"] == "qid2" else None,
                 num_inference_steps=config.steps,
+                adapt_steps=row.get("adapt_steps"),
                 batch_size=config.batch_size,
                 seed=config.seed,
                 device=device,

@@ -72,6 +72,10 @@ class QID2Pipeline(DiffusionPipeline):
             and the mean b0 (``b0_images``), and models the residual
             target - prior: with nothing to add it returns the fit. `False` is
             the paper's configuration.
+        default_adapt_steps (`int`, *optional*, defaults to 0): test-time
+            adaptation steps a volume up-sampler uses when not told
+            (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`); set
+            from measurements when a model is shipped.
 
     Example:
 
@@ -93,6 +97,7 @@ class QID2Pipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         default_num_inference_steps: int = 1000,
         physics_prior: bool = False,
+        default_adapt_steps: int = 0,
     ):
         super().__init__()
         r = direction_encoder.config.num_references
@@ -104,7 +109,8 @@ class QID2Pipeline(DiffusionPipeline):
                 f"input channels; it takes {unet.config.in_channels}"
             )
         self.register_modules(unet=unet, direction_encoder=direction_encoder, scheduler=scheduler)
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps, physics_prior=bool(physics_prior))
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps,
+                                physics_prior=bool(physics_prior), default_adapt_steps=int(default_adapt_steps))
         self.image_processor = QID2ImageProcessor.for_unet(unet)
 
     @property

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..upsampling import SliceUpsampler, sample_seed
+from .adaptation import adapt_pipeline
 
 __all__ = ["QID2Upsampler"]
 
@@ -22,6 +24,13 @@ class QID2Upsampler(SliceUpsampler):
         batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
         seed (`int`, *optional*, defaults to 0): base seed.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over slices x targets.
+        adapt_steps (`int`, *optional*): before sampling a volume, fine-tune a
+            copy of the model for this many steps on the scan's own kept
+            directions (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`);
+            ``pipeline`` itself is never modified. Defaults to the pipeline's
+            ``default_adapt_steps``. The time spent is kept in :attr:`adaptation_seconds`.
+        adapt_settings (`dict`, *optional*): overrides of
+            :data:`~qid2_diffusers.pipelines.adaptation.ADAPTATION_DEFAULTS`.
 
     Example:
 
@@ -34,12 +43,34 @@ class QID2Upsampler(SliceUpsampler):
 
     name = "qid2"
 
-    def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True):
+    def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True,
+                 adapt_steps: int | None = None, adapt_settings: dict | None = None):
         super().__init__(batch_size=batch_size, seed=seed, progress=progress)
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
         self.num_samples = int(num_samples)
+        self.adapt_steps = int(pipeline.config.get("default_adapt_steps", 0) if adapt_steps is None else adapt_steps)
+        self.adapt_settings = dict(adapt_settings or {})
+        self.adaptation_seconds = 0.0
+        self._scan_pipeline = None
         pipeline.set_progress_bar_config(disable=True)
+
+    def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None, **options):
+        """See :meth:`SliceUpsampler.predict_volumes`; adapts the model to this scan first when ``adapt_steps``."""
+        if not self.adapt_steps:
+            return super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
+        axis = options.get("axis", 2)
+        scan, brain = data, (np.ones(np.shape(data)[:3], dtype=bool) if mask is None else np.asarray(mask, dtype=bool))
+        if axis != 2:
+            scan, brain = np.moveaxis(np.asarray(data), axis, 2), np.moveaxis(brain, axis, 2)
+        self._scan_pipeline, self.adaptation_seconds = adapt_pipeline(
+            self.pipeline, scan, bvals, bvecs, brain, steps=self.adapt_steps, seed=self.seed, progress=self.progress,
+            **self.adapt_settings,
+        )
+        try:
+            return super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
+        finally:
+            self._scan_pipeline = None
 
     @property
     def num_references(self) -> int:
@@ -56,7 +87,8 @@ class QID2Upsampler(SliceUpsampler):
             for target_index, slice_index in keys
             for k in range(self.num_samples)
         ]
-        result = self.pipeline(
+        pipeline = self.pipeline if self._scan_pipeline is None else self._scan_pipeline
+        result = pipeline(
             reference_images,
             reference_bvecs,
             target_bvecs,

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data.dataset import QID2Dataset, build_cache
 from ..data.layouts import discover_subjects
 from ..errors import QID2InputError
+from ..pipelines.training_utils import random_crops
 from .config import dataloader_workers
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "make_schedule",
     "batches",
     "step_generator",
-    "random_crops",
 ]
 
 
@@ -208,23 +208,3 @@ def step_generator(seed: int, epoch: int, batch_index: int, process_index: int) 
     return torch.Generator().manual_seed(int(state[0]))
 
 
-def random_crops(batch: dict, size: int | None, generator: torch.Generator) -> dict:
-    """Per-sample ``size x size`` crops of every image of a batch, each centred
-    (as far as the slice allows) on a brain pixel drawn with ``generator``.
-
-    The images are the ``(B, C, H, W)`` tensors of the target's size (target,
-    references, mask, and any other condition a dataset adds); direction
-    tensors pass through.
-    """
-    h, w = batch["target"].shape[-2:]
-    if size is None or (size >= h and size >= w):
-        return batch
-    ch, cw = min(size, h), min(size, w)
-    crops = {k: [] for k, v in batch.items() if torch.is_tensor(v) and v.ndim == 4 and v.shape[-2:] == (h, w)}
-    for i, m in enumerate(batch["mask"][:, 0]):
-        brain = torch.nonzero(m > 0).cpu()
-        y, x = brain[int(torch.randint(len(brain), (1,), generator=generator))].tolist() if len(brain) else (h // 2, w // 2)
-        top, left = min(max(y - ch // 2, 0), h - ch), min(max(x - cw // 2, 0), w - cw)
-        for k, v in crops.items():
-            v.append(batch[k][i, :, top : top + ch, left : left + cw])
-    return {**batch, **{k: torch.stack(v) for k, v in crops.items()}}

@@ -26,7 +26,8 @@ from ..models import PRESETS
 from ..baselines.gan import GANUpsampler
 from ..models.gan import CGANGenerator, PatchDiscriminator, QGANGenerator
 from .reporting import GAN_MODEL_CARD_TEMPLATE, cast_for_saving, save_pretrained_atomic
-from .trainer import Trainer, masked_mean
+from ..pipelines.training_utils import masked_mean
+from .trainer import Trainer
 
 __all__ = ["GANTrainer", "build_gan", "adversarial_loss", "main", "DEFAULT_LEARNING_RATES"]
 

@@ -35,13 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import QID2InputError
+from ..pipelines.training_utils import masked_mean
 from .checkpoints import Clock, RunState, resume, save_checkpoint
 from .config import base_parser, command_line, data_settings, parse_args, run, tracker_config, training_args
 from .data import TrainingData, batches, load_training_data, make_schedule, random_crops, step_generator
 from .reporting import CARD_TAGS, dump_weights, push_to_hub, run_fields, summary, write_json, write_model_card
 from .validation import Validator, validate
 
-__all__ = ["Trainer", "make_accelerator", "make_ema", "make_lr_scheduler", "masked_mean", "setup_logging"]
+__all__ = ["Trainer", "make_accelerator", "make_ema", "make_lr_scheduler", "setup_logging"]
 
 
 def make_accelerator(args):
@@ -95,14 +96,6 @@ def make_lr_scheduler(args, optimizer, schedule, accelerator):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=schedule.max_train_steps * accelerator.num_processes,
     )
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` over the pixels where ``mask`` is set (all pixels when ``mask`` is None)."""
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype).expand_as(values)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def _value_error(message: str):
