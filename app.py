@@ -370,9 +370,10 @@ def _warn_training_shell(session: Session, pipe) -> None:
         gr.Warning(message[0].upper() + message[1:] + ".")
 
 
-def _default_steps(folder) -> int:
+def _model_defaults(folder) -> tuple[int, int]:
+    """The sampling steps and test-time adaptation steps a saved model asks for."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
-    return int(index.get("default_num_inference_steps", 10))
+    return int(index.get("default_num_inference_steps", 10)), int(index.get("default_adapt_steps", 0))
 
 
 def build_demo(model: str | None = None) -> gr.Blocks:
@@ -387,8 +388,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
     model = model or os.environ.get("QID2_DEMO_MODEL") or None
     folders = [resolve_model(model)] if model is not None else shipped_models()
     r_choices = sorted(model_num_references(p) for p in folders) or [3]
-    # The slider starts at the model's own few-step default.
-    default_steps = _default_steps(folders[0]) if folders else 10
+    # The sliders start at the model's own few-step and adaptation defaults.
+    default_steps, default_adapt = _model_defaults(folders[0]) if folders else (10, 0)
 
     def pipeline_for(r, scheduler):
         try:
@@ -466,7 +467,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         images = [None if fa[k] is None else to_image(fa[k].fa[:, :, 0], 1.0) for k in ("before", "after", "truth")]
         return (*images, text)
 
-    def on_volume(session, r, scheduler, steps, seed, samples, shells=ALL_SHELLS,
+    def on_volume(session, r, scheduler, steps, seed, samples, shells=ALL_SHELLS, adapt_steps=None,
                   progress=gr.Progress(track_tqdm=True)):
         if session is None:
             raise gr.Error("Load a series or the phantom example first.")
@@ -476,7 +477,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
             with notices():
                 result = upsample_dwi(dwi, session.target_bvecs, pipe, mask=session.series.stored_mask,
                                       shells=None if shells in (None, ALL_SHELLS) else [_bvalue(shells)],
-                                      num_inference_steps=int(steps), num_samples=int(samples), seed=int(seed))
+                                      num_inference_steps=int(steps), num_samples=int(samples), seed=int(seed),
+                                      adapt_steps=None if adapt_steps is None else int(adapt_steps))
         except QID2InputError as exc:
             raise _error(exc) from None
         prefix = Path(session.workdir) / f"{Path(session.dwi_path).name.split('.')[0]}_upsampled"
@@ -518,6 +520,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                 fa_btn = gr.Button("FA before / after on this slice", elem_id="fa-button")
                 volume_shells = gr.Dropdown(choices=[ALL_SHELLS], value=ALL_SHELLS, allow_custom_value=True,
                                             label="Shells to up-sample (download)")
+                adapt = gr.Slider(0, 500, value=default_adapt, step=10, elem_id="adapt-steps",
+                                  label="Adaptation steps on this scan before up-sampling (download; 0: off)")
                 volume_btn = gr.Button("Up-sample the whole series (download)")
             with gr.Column(scale=2):
                 references = gr.Gallery(label="Reference slices (acquired)", columns=3, rows=1, height=300,
@@ -548,7 +552,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         )
         fa_btn.click(on_fa, [session, z, r, scheduler, steps, seed], [fa_before, fa_after, fa_truth, fa_info],
                      api_name="fa")
-        volume_btn.click(on_volume, [session, r, scheduler, steps, seed, samples, volume_shells], download,
+        volume_btn.click(on_volume, [session, r, scheduler, steps, seed, samples, volume_shells, adapt], download,
                          api_name="volume")
     return blocks
 

@@ -116,6 +116,7 @@ def run_example(
     scheduler: str | None = None,
     steps: int | None = None,
     num_samples: int = 1,
+    adapt_steps: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "fp32",
@@ -139,7 +140,7 @@ def run_example(
             shipped model with its saved sampler.
         steps (`int`, *optional*): denoising steps; defaults to the model's
             ``default_num_inference_steps``.
-        num_samples, batch_size, seed: see :func:`qid2_diffusers.inference.upsample_dwi`.
+        num_samples, adapt_steps, batch_size, seed: see :func:`qid2_diffusers.inference.upsample_dwi`.
         slab (`int`, *optional*, defaults to :data:`EXAMPLE_SLAB`): central axial slices.
         progress (`bool`, *optional*, defaults to `True`): show the progress bar.
         verbose (`bool`, *optional*, defaults to `True`): print the report.
@@ -169,6 +170,7 @@ def run_example(
         pipe,
         num_inference_steps=steps,
         num_samples=num_samples,
+        adapt_steps=adapt_steps,
         batch_size=batch_size,
         seed=seed,
         progress=progress,
@@ -192,8 +194,10 @@ def run_example(
         for name, m in fa.items():
             print(f"  {name:{width}}  {m['fa_mae']:.4f}  {m['fa_ssim']:.4f}")
         steps_used = steps or pipe.config.default_num_inference_steps
+        adapted = (f", adapted to the scan in {result.adaptation_seconds:.1f} s ({result.adapt_steps} steps)"
+                   if result.adapt_steps else "")
         print(
-            f"qid2 example: {result.n_targets} targets, {type(pipe.scheduler).__name__} {steps_used} steps, "
+            f"qid2 example: {result.n_targets} targets, {type(pipe.scheduler).__name__} {steps_used} steps{adapted}, "
             f"{seconds:.1f} s on {pipe.device.type}; wrote {paths[0]}"
         )
     return {"fa": fa, "seconds": seconds, "paths": [*example.paths, *paths], "n_targets": result.n_targets}

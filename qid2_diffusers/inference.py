@@ -83,6 +83,8 @@ class UpsampleResult:
         mask (`np.ndarray` of shape `(X, Y, Z)`): voxels that were synthesised.
         std (`np.ndarray` of shape `(X, Y, Z, T)`, *optional*): per-voxel standard
             deviation over samples, when more than one sample was drawn.
+        adapt_steps (`int`, *optional*, defaults to 0): test-time adaptation steps per shell.
+        adaptation_seconds (`float`, *optional*, defaults to 0): wall time they took, every shell together.
     """
 
     data: np.ndarray
@@ -91,6 +93,8 @@ class UpsampleResult:
     n_input: int
     mask: np.ndarray
     std: np.ndarray | None = None
+    adapt_steps: int = 0
+    adaptation_seconds: float = 0.0
 
     @property
     def n_targets(self) -> int:
@@ -363,6 +367,7 @@ def upsample_dwi(
     mask=None,
     num_inference_steps: int | None = None,
     num_samples: int = 1,
+    adapt_steps: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -390,6 +395,10 @@ def upsample_dwi(
         num_inference_steps (`int`, *optional*): defaults to the pipeline's default.
         num_samples (`int`, *optional*, defaults to 1): samples averaged per
             target; above 1 the result carries a standard-deviation map.
+        adapt_steps (`int`, *optional*): test-time adaptation steps per shell on
+            the scan's own directions (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`);
+            defaults to the model's ``default_adapt_steps``. The time spent is
+            in the result's ``adaptation_seconds``.
         batch_size (`int`, *optional*): (slice, target) pairs per network call;
             defaults to :func:`auto_batch_size`. Results depend on it only by float rounding.
         seed (`int`, *optional*, defaults to 0): base seed (see :func:`shell_seed`).
@@ -429,15 +438,16 @@ def upsample_dwi(
     out = series.data[..., : n_in + (n_new if main else 0)]
     std = np.zeros(dwi.shape[:3] + (n_new,), dtype=np.float32, order="F") if num_samples > 1 and main else None
     batch_size = batch_size or auto_batch_size(pipeline, series.mask, num_samples)
-    start = n_in
+    start, adaptation_seconds = n_in, 0.0
     for plan in plans:
-        upsampler = _upsampler(pipeline, num_inference_steps, num_samples, batch_size,
+        upsampler = _upsampler(pipeline, num_inference_steps, num_samples, adapt_steps, batch_size,
                                shell_seed(seed, plan.label, len(series.shells)), progress and main)
         tail = slice(start, start + len(plan.targets))
         _upsample_shell(series, plan, upsampler, out[..., tail] if main else None,
                         std[..., tail.start - n_in : tail.stop - n_in] if std is not None else None,
                         num_samples > 1, state)
         start = tail.stop
+        adaptation_seconds += upsampler.adaptation_seconds
     if not main:
         return None
     new_bvals = [np.full(len(p.targets), p.bval) for p in plans]
@@ -449,14 +459,16 @@ def upsample_dwi(
         n_input=n_in,
         mask=series.stored_mask,
         std=std,
+        adapt_steps=upsampler.adapt_steps if plans else 0,
+        adaptation_seconds=adaptation_seconds,
     )
 
 
-def _upsampler(pipeline, steps, num_samples, batch_size, seed, progress):
+def _upsampler(pipeline, steps, num_samples, adapt_steps, batch_size, seed, progress):
     from .pipelines import QID2Upsampler
 
     return QID2Upsampler(pipeline, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size,
-                         seed=seed, progress=progress)
+                         seed=seed, progress=progress, adapt_steps=adapt_steps)
 
 
 def _upsample_shell(series, plan: ShellPlan, upsampler, into, std_into, want_std: bool, state) -> None:

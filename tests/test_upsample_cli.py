@@ -79,6 +79,22 @@ def test_same_seed_same_output_and_std_map(crop, tmp_path, tiny_model_dir, capsy
     assert not np.array_equal(a[..., 68:], c[..., 68:])
 
 
+def test_adaptation_to_the_scan_is_reported_reproducible_and_leaves_inputs_alone(crop, tmp_path, capsys):
+    from qid2_diffusers import build_pipeline
+
+    model = tmp_path / "prior-model"
+    build_pipeline("tiny", 3, seed=0, physics_prior=True, bval_conditioning=True).save_pretrained(model)
+    runs = {}
+    for name, extra in (("plain", []), ("a", ["--adapt-steps", "3"]), ("b", ["--adapt-steps", "3"])):
+        assert _upsample(crop, tmp_path / name, model, "--n-targets", "12", *extra) == 0
+        runs[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj)
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        assert ("adapted to the scan in" in summary and "(3 steps)" in summary) == bool(extra)
+    np.testing.assert_array_equal(runs["a"], runs["b"])
+    np.testing.assert_array_equal(runs["a"][..., :68], runs["plain"][..., :68])
+    assert not np.array_equal(runs["a"][..., 68:], runs["plain"][..., 68:])
+
+
 def test_target_choices(tmp_path):
     scheme = uniform_directions(90)
     acquired = scheme[::3]
@@ -114,11 +130,12 @@ def _bad_cases(tmp_path, tiny_model_dir):
         "output folder": (["--out", str(tmp_path / "a_file" / "sub" / "up")], "is a file, so the output folder cannot be created"),
         "shell": (["--shell", "1000"], "no b=1000 shell; shells present: b=3000 (60 volumes)"),
         "samples": (["--num-samples", "0"], "--num-samples must be at least 1"),
+        "adaptation": (["--adapt-steps", "-1"], "--adapt-steps must be at least 0"),
     }
 
 
 @pytest.mark.parametrize("case", ["scheduler", "model files", "model R", "targets text", "targets shape",
-                                  "output folder", "shell", "samples"])
+                                  "output folder", "shell", "samples", "adaptation"])
 def test_bad_input_one_line_error_and_no_output(case, crop, tmp_path, tiny_model_dir, capsys):
     extra, message = _bad_cases(tmp_path, tiny_model_dir)[case]
     out = tmp_path / "out"

@@ -26,6 +26,10 @@ def add_model_arguments(p) -> None:
     g.add_argument("--num-samples", type=int, default=1, metavar="S",
                    help="samples averaged per target; above 1 also writes PREFIX_std.nii.gz, an uncertainty map "
                         "that needs several --steps (samples of one step hardly differ) (default: 1)")
+    g.add_argument("--adapt-steps", type=int, metavar="N",
+                   help="before sampling, fine-tune a copy of the model for N steps on this scan's own directions "
+                        "(each left out and predicted from the others); 0 turns it off (default: the model's "
+                        "default_adapt_steps)")
     g.add_argument("--batch-size", type=int, metavar="B",
                    help=f"(slice, target) pairs per network call (default: {DEVICE_BATCH_SIZE} on a GPU; on the CPU "
                         f"as many as fit {CPU_BATCH_PIXELS} pixels)")
@@ -83,6 +87,7 @@ def _run_example(args) -> int:
         scheduler=args.scheduler,
         steps=args.steps,
         num_samples=args.num_samples,
+        adapt_steps=args.adapt_steps,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
@@ -100,10 +105,10 @@ def run(args) -> int:
     from ..inference import check_writable, process_state, read_targets, upsample_dwi
 
     diffusers_logging.disable_progress_bar()
-    for name in ("steps", "num_samples", "batch_size"):
+    for name, smallest in (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("adapt_steps", 0)):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if value is not None and value < smallest:
+            raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least {smallest}, got {value}")
     if args.example:
         return _run_example(args)
     if args.dwi is None or args.out is None:
@@ -121,8 +126,8 @@ def run(args) -> int:
 
     start = time.perf_counter()
     result = upsample_dwi(dwi, targets, pipe, shells=args.shells, n_targets=args.n_targets, scheme=args.scheme,
-                          num_inference_steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
-                          seed=args.seed, state=state)
+                          num_inference_steps=args.steps, num_samples=args.num_samples, adapt_steps=args.adapt_steps,
+                          batch_size=args.batch_size, seed=args.seed, state=state)
     if result is None:
         return 0
     paths = result.save(prefix, dwi.affine, dwi.header)
@@ -135,6 +140,8 @@ def run(args) -> int:
         f"qid2 upsample: {result.n_targets} targets synthesised {where} "
         f"({result.n_input} + {result.n_targets} volumes) in {seconds:.1f} s on {pipe.device.type} "
         f"({args.dtype}, {type(pipe.scheduler).__name__}, {steps} steps"
-        f"{f', {state.num_processes} processes' if state is not None else ''}) -> {paths[0]}"
+        f"{f', {state.num_processes} processes' if state is not None else ''}"
+        f"{f', adapted to the scan in {result.adaptation_seconds:.1f} s ({result.adapt_steps} steps)' if result.adapt_steps else ''}"
+        f") -> {paths[0]}"
     )
     return 0
