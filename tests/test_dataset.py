@@ -256,3 +256,31 @@ def test_concurrent_builders_of_one_cache_agree(subject, tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folders[0].name]  # no temporaries left
     ds = QID2Dataset([folders[0]], num_references=3)
     assert torch.isfinite(ds[0]["target"]).all()
+
+
+def test_slices_of_other_sizes_batch_together_with_masked_padding(scheme90, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from qid2_diffusers.data.dataset import collate_slices
+
+    caches = []
+    for name, shape in (("small", (10, 12, 3)), ("large", (16, 20, 3))):
+        rng = np.random.default_rng(1)
+        bvals = np.r_[0, np.full(90, 1000.0)]
+        bvecs = np.vstack([np.zeros(3), scheme90])
+        data = rng.uniform(100, 200, shape + (91,)).astype(np.float32)
+        mask = np.ones(shape, bool)
+        caches.append(build_cache(DWI(data=data, bvals=bvals, bvecs=bvecs, affine=np.eye(4), mask=mask, path=None),
+                                  tmp_path, subject_id=name))
+    dataset = QID2Dataset(caches, num_references=3)
+    small, large = dataset[0], dataset[len(dataset) - 1]
+    batch = collate_slices([small, large])
+    assert batch["target"].shape == (2, 1, 16, 20) and batch["references"].shape == (2, 3, 16, 20)
+    assert torch.equal(batch["target"][0, :, :10, :12], small["target"])
+    assert torch.all(batch["target"][0, :, 10:] == -1) and torch.all(batch["mask"][0, :, :, 12:] == 0)
+    assert batch["mask"][0].sum() == 10 * 12 and torch.equal(batch["target"][1], large["target"])
+    assert batch["target_bvec"].shape == (2, 3)
+    # A loader over both subjects batches without error.
+    loader = DataLoader(dataset, batch_size=8, shuffle=True, collate_fn=collate_slices,
+                        generator=torch.Generator().manual_seed(0))
+    assert next(iter(loader))["target"].shape[0] == 8

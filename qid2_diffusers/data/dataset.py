@@ -29,7 +29,7 @@ from .augment import rotate_bvecs, warp_slices
 from .io import DWI, bvec_voxel_signs, check_enough_directions, nifti_stem, shell_indices, split_acquired
 from .layouts import SubjectPaths
 
-__all__ = ["build_cache", "QID2Dataset", "CACHE_VERSION"]
+__all__ = ["build_cache", "QID2Dataset", "collate_slices", "CACHE_VERSION"]
 
 #: Bumped whenever the cache format changes, so stale caches are rebuilt.
 CACHE_VERSION = 2
@@ -405,3 +405,27 @@ class QID2Dataset(Dataset):
             item["prior"] = images[n_planes : n_planes + 1]
             item["b0"] = images[n_planes + 1 :]
         return item
+
+
+def collate_slices(items: list[dict]) -> dict:
+    """Batch :class:`QID2Dataset` items whose slices may differ in size.
+
+    Subjects of other voxel sizes (domain-randomised phantoms, cohorts from
+    several scanners) have other slice sizes: each image is padded at its
+    bottom and right to the largest in the batch, with the normalised value of
+    no signal (-1) and, in the mask, with 0, so the loss never sees the padding.
+    """
+    from torch.utils.data import default_collate
+
+    h = max(item["target"].shape[-2] for item in items)
+    w = max(item["target"].shape[-1] for item in items)
+    padded = []
+    for item in items:
+        size = item["target"].shape[-2:]
+        pad = (0, w - size[1], 0, h - size[0])
+        padded.append({
+            k: torch.nn.functional.pad(v, pad, value=0.0 if k == "mask" else -1.0)
+            if torch.is_tensor(v) and v.ndim == 3 and v.shape[-2:] == size and pad != (0, 0, 0, 0) else v
+            for k, v in item.items()
+        })
+    return default_collate(padded)

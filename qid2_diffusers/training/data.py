@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.dataset import QID2Dataset, build_cache
+from ..data.dataset import QID2Dataset, build_cache, collate_slices
 from ..data.layouts import discover_subjects
 from ..errors import QID2InputError
 from ..pipelines.training_utils import random_crops
@@ -106,6 +106,7 @@ class TrainingData:
             sampler=sampler,
             num_workers=workers,
             drop_last=True,
+            collate_fn=collate_slices,
             pin_memory=torch.cuda.is_available(),
             # Not persistent: each epoch's workers get a fresh copy of the dataset
             # carrying its set_epoch (the augmentation draw depends on it).
