@@ -171,12 +171,11 @@ def real_benchmark_case(case) -> BenchmarkCase:
     """A real scan's shell (:class:`~qid2_diffusers.data.real.RealCase`) as a case.
 
     Keeps :func:`~qid2_diffusers.data.real.kept_count` of the shell's
-    directions. A scan without a mask is masked by the package's
-    :func:`~qid2_diffusers.masking.brain_mask` on its mean b0, which keeps
-    every voxel with signal where median_otsu finds nothing; the mask note says which.
+    directions. A scan without a mask of its own is one of the small crops
+    taken inside the brain: every voxel with signal is scored. (median_otsu on
+    a crop that is almost all brain keeps its grey matter and CSF and drops the
+    white matter, where FA errors matter most.) The mask note says which.
     """
-    from ..masking import brain_mask
-
     dwi = case.load()
     shell = _loaded(extract_shell(dwi, case.shell))
     n_directions = shell.n_volumes - len(shell.b0_indices)
@@ -184,12 +183,8 @@ def real_benchmark_case(case) -> BenchmarkCase:
     if mask is not None:
         note = f"the scan's own mask ({Path(case.mask).name}, {int(mask.sum())} voxels)"
     else:
-        mean_b0 = shell.data[..., shell.b0_indices].mean(axis=-1)
-        mask = brain_mask(mean_b0, np.linalg.norm(dwi.affine[:3, :3], axis=0))
-        with_signal = mean_b0 > 0
-        note = (f"brain_mask (median_otsu) on the mean b0: {int(mask.sum())} of {mask.size} voxels"
-                + (", every voxel with signal (median_otsu found no brain on this crop)"
-                   if np.array_equal(mask, with_signal) else ""))
+        mask = shell.data[..., shell.b0_indices].mean(axis=-1) > 0
+        note = f"a crop inside the brain, no mask of its own: every voxel with signal ({int(mask.sum())} of {mask.size})"
     return BenchmarkCase(
         name=case.name,
         path=case.dwi,

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""The table that decides: FA error of every method as a ratio to DTI-predict's, across benchmark runs.
+
+DTI-predict is a tensor fit on the same kept directions, predicting the
+missing ones: the one-second answer a researcher would otherwise use. A ratio
+below 1 means a method beats it. This script only reads the ``results.json``
+of ``qid2 benchmark`` runs (held-out phantoms with ``--data``, real scans with
+``--real``) and lays their ratios side by side; every number comes from those
+runs::
+
+    python benchmarks/decision_table.py \\
+        --phantoms "randomised b=1000"=results/rnd-b1000 "randomised b=2000"=results/rnd-b2000 \\
+        --real results/real --out results/decision.md
+
+For phantoms the ratio is taken against the noise-free truth (``--reference
+truth``, the default) or against the full acquisition (``acquired``); for
+real scans there is no truth, so always against the full acquisition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+BASELINE = "dti"
+
+
+def _load(folder) -> dict:
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no results.json (run qid2 benchmark first)")
+    return json.loads(path.read_text())
+
+
+def _labels(results: dict) -> dict:
+    return {m["key"]: m["label"] for m in results["methods"] if m.get("status", "ok") == "ok"}
+
+
+def phantom_ratios(results: dict, reference: str = "truth") -> dict:
+    """Method label -> mean FA MAE over subjects / DTI-predict's, against ``reference``."""
+    labels = _labels(results)
+    subjects = results["per_subject"].values()
+
+    def mean(key):
+        values = [s[key][reference]["fa_mae"] for s in subjects if key in s and reference in s[key]]
+        return sum(values) / len(values) if values else None
+
+    base = mean(BASELINE)
+    return {label: mean(key) / base for key, label in labels.items() if mean(key) is not None and base}
+
+
+def real_ratios(results: dict) -> dict:
+    """(case, method label) -> FA MAE / DTI-predict's on that case."""
+    labels = _labels(results)
+    return {(case, labels[key]): value for case, row in results["fa_ratio"]["ratio"].items()
+            for key, value in row.items() if key in labels and value is not None}
+
+
+def decision_table(phantoms: list[tuple[str, dict]], real: dict | None, reference: str = "truth") -> str:
+    columns, cells = [], {}
+    for name, results in phantoms:
+        columns.append(f"{name} (vs {reference})")
+        for label, ratio in phantom_ratios(results, reference).items():
+            cells[(label, columns[-1])] = ratio
+    if real is not None:
+        for (case, label), ratio in real_ratios(real).items():
+            if case not in columns:
+                columns.append(case)
+            cells[(label, case)] = ratio
+    rows = list(dict.fromkeys(label for label, _ in cells))
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label in rows:
+        shown = []
+        for column in columns:
+            value = cells.get((label, column))
+            shown.append("–" if value is None else (f"**{value:.3f}**" if value < 1 else f"{value:.3f}"))
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phantoms", nargs="*", default=[], metavar="LABEL=DIR", help="phantom benchmark runs")
+    p.add_argument("--real", metavar="DIR", help="a qid2 benchmark --real run")
+    p.add_argument("--reference", choices=["truth", "acquired"], default="truth",
+                   help="what phantom FA errors are measured against (default: truth)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the table here")
+    args = p.parse_args(argv)
+    phantoms = []
+    for item in args.phantoms:
+        label, sep, folder = item.rpartition("=")
+        if not sep:
+            p.error(f"expected LABEL=DIR, got {item!r}")
+        phantoms.append((label, _load(folder)))
+    table = decision_table(phantoms, _load(args.real) if args.real else None, args.reference)
+    print(table)
+    if args.out:
+        from qid2_diffusers.data.io import atomic_write
+
+        atomic_write(args.out, lambda tmp: tmp.write_text(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
