@@ -75,16 +75,14 @@ def phantom_slab():
             "fa": np.ascontiguousarray(s.fa[box]), "bvals": s.bvals, "bvecs": s.bvecs, "affine": s.affine}
 
 
-@pytest.fixture(scope="session")
-def training_cohort(tmp_path_factory) -> Path:
-    """Two tiny HCP-layout subjects for the training scripts: the four central
-    axial slices of one 2.5 mm phantom, cropped to the middle 24 x 24 voxels
-    (all brain), split into subjects of two slices each."""
+def _write_cohort(root: Path, shells=None) -> Path:
+    """Two tiny HCP-layout subjects: the four central axial slices of one 2.5 mm
+    phantom (``shells``, b=1000 by default), cropped to the middle 24 x 24
+    voxels (all brain), split into subjects of two slices each."""
     from qid2_diffusers.data.io import save_dwi, save_nifti
     from qid2_diffusers.data.phantom import make_subject
 
-    root = tmp_path_factory.mktemp("training-cohort")
-    s = make_subject(0, slab=4)
+    s = make_subject(0, slab=4, shells=shells)
     cx, cy = s.dwi.shape[0] // 2, s.dwi.shape[1] // 2
     box = (slice(cx - 12, cx + 12), slice(cy - 12, cy + 12))
     data, mask = np.asarray(s.dwi)[box], np.asarray(s.mask)[box]
@@ -96,3 +94,15 @@ def training_cohort(tmp_path_factory) -> Path:
         (folder / "data.bvec").rename(folder / "bvecs")
         save_nifti(folder / "nodif_brain_mask.nii.gz", mask[:, :, z].astype(np.uint8), s.affine)
     return root
+
+
+@pytest.fixture(scope="session")
+def training_cohort(tmp_path_factory) -> Path:
+    """Two tiny HCP-layout subjects for the training scripts, b=1000 (see :func:`_write_cohort`)."""
+    return _write_cohort(tmp_path_factory.mktemp("training-cohort"))
+
+
+@pytest.fixture(scope="session")
+def multishell_training_cohort(tmp_path_factory) -> Path:
+    """The same two subjects with shells b=1000 and b=2000 (90 directions each)."""
+    return _write_cohort(tmp_path_factory.mktemp("multishell-training-cohort"), shells=(1000, 2000))

@@ -130,6 +130,8 @@ def test_train_gan_updates_discriminator_once_per_two_generator_steps(training_c
     assert "qGAN" in card and "λ_V = 100" in card and "--model qgan" in card
     assert card.startswith("---\nlibrary_name: diffusers\n") and "python -m qid2_diffusers.training.gan --model qgan" in card
     assert "| qgan (this model) |" in card and "| Interp (R=3) |" in card
+    assert "Trained on the b = 1000 s/mm² shell; its direction tokens carry no b-value" in card
+    assert summary["bval_conditioning"] is False and not up.bval_conditioning
 
 
 def test_gan_arguments_from_python_take_the_papers_learning_rates_and_need_a_model(tmp_path):
@@ -140,3 +142,121 @@ def test_gan_arguments_from_python_take_the_papers_learning_rates_and_need_a_mod
         GANTrainer.training_args(output_dir=tmp_path)
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
         GANTrainer.training_args(output_dir=tmp_path, model="qgan", gradient_accumulation_steps=2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_b(kind):
+    torch.manual_seed(0)
+    if kind == "cgan":
+        gen = CGANGenerator(num_references=3, preset="tiny", bval_conditioning=True)
+    else:
+        gen = QGANGenerator(num_references=3, block_out_channels=(8, 8, 16), embed_dim=16, norm_num_groups=4,
+                            bval_conditioning=True)
+    # qGAN's FiLM starts as the identity; give it weights so the directions matter.
+    for module in gen.modules():
+        if hasattr(module, "film"):
+            torch.nn.init.normal_(module.film.weight, std=0.5)
+    return gen.eval()
+
+
+def _shell(b, n=2, r=3):
+    return torch.full((n,), float(b)), torch.full((n, r), float(b))
+
+
+@pytest.mark.parametrize("kind", ["cgan", "qgan"])
+def test_bval_conditioned_generator_follows_b_not_the_sign_and_round_trips(kind, tmp_path):
+    gen = _tiny_b(kind)
+    refs, tb, rb = _inputs()
+    with torch.no_grad():
+        out = gen(refs, tb, rb, *_shell(1000))
+        assert not torch.allclose(out, gen(refs, tb, rb, *_shell(2000)), atol=1e-5)
+        assert torch.allclose(out, gen(refs, -tb, -rb, *_shell(1000)), atol=1e-5)
+        with pytest.raises(ValueError, match="b-conditioned: give target and reference b-values"):
+            gen(refs, tb, rb)
+    gen.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["bval_conditioning"] is True
+    loaded = load_generator(tmp_path).eval()
+    assert loaded.config.bval_conditioning and GANUpsampler(loaded, progress=False).bval_conditioning
+    with torch.no_grad():
+        assert torch.equal(loaded(refs, tb, rb, *_shell(1000)), out)
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "projection"])
+def test_bval_conditioned_discriminator_follows_b_and_round_trips(conditioning, tmp_path):
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(num_references=3, base_channels=8, direction_conditioning=conditioning, embed_dim=16,
+                              num_heads=2, bval_conditioning=True)
+    refs, tb, rb = _inputs(h=32, w=32)
+    target = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        logits = disc(refs, target, tb, rb, *_shell(1000))
+        assert not torch.allclose(logits, disc(refs, target, tb, rb, *_shell(3000)), atol=1e-6)
+    disc.save_pretrained(tmp_path)
+    loaded = PatchDiscriminator.from_pretrained(tmp_path)
+    assert loaded.config.bval_conditioning
+    with torch.no_grad():
+        assert torch.equal(loaded(refs, target, tb, rb, *_shell(1000)), logits)
+
+
+@pytest.mark.parametrize("kind", ["cgan", "qgan"])
+def test_configs_without_the_option_load_as_not_bval_conditioned(kind):
+    # The shipped baselines were saved before the option existed: their configs lack the key.
+    folder = REPO / "weights" / f"{kind}-small-r3"
+    assert "bval_conditioning" not in json.loads((folder / "config.json").read_text())
+    gen = load_generator(folder).eval()
+    assert gen.config.bval_conditioning is False and gen.direction_encoder.proj_in.in_features == 7
+    assert not GANUpsampler(gen, progress=False).bval_conditioning
+    disc = PatchDiscriminator.from_pretrained(folder / "discriminator")
+    assert disc.config.bval_conditioning is False
+    refs, tb, rb = _inputs(h=16, w=16)
+    with torch.no_grad():
+        # A single-shell model never learned b: given b-values, it ignores them.
+        assert torch.equal(gen(refs, tb, rb), gen(refs, tb, rb, *_shell(3000)))
+
+
+def test_train_gan_on_two_shells_gives_a_bval_conditioned_upsampler(multishell_training_cohort, tmp_path):
+    from qid2_diffusers.data.io import extract_shell, load_dwi
+
+    out = tmp_path / "cgan"
+    run = subprocess.run(
+        [sys.executable, "-m", "qid2_diffusers.training.gan", "--model", "cgan", "--config", "tiny",
+         "--data_dir", str(multishell_training_cohort), "--output_dir", str(out), "--shells", "1000,2000",
+         "--bval_conditioning", "--max_train_steps", "3", "--checkpointing_steps", "3"],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["bval_conditioning"] is True and summary["shell"] == "1000, 2000"
+    assert PatchDiscriminator.from_pretrained(out / "discriminator").config.bval_conditioning
+    card = (out / "README.md").read_text()
+    assert "b = 1000, 2000 s/mm² shells with b-conditioned direction tokens (`--bval_conditioning`)" in card
+
+    up = GANUpsampler.from_pretrained(out, progress=False)
+    assert up.name == "cgan" and up.bval_conditioning
+    folder = multishell_training_cohort / "sub-01" / "T1w" / "Diffusion"
+    dwi = extract_shell(load_dwi(folder / "data.nii.gz", folder / "bvals", folder / "bvecs"), 2000)
+    data, mask = np.asarray(dwi.data, dtype=np.float32), np.ones(dwi.shape[:3], bool)
+    mask[:4] = False
+    targets = uniform_directions(3, seed=5)
+    pred = up.predict(data, dwi.bvals, dwi.bvecs, targets, mask)
+    assert pred.shape == dwi.shape[:3] + (3,) and np.all(pred[~mask] == 0) and pred[mask].max() > 0
+    # The generator is told the shell: the same images labelled b=1000 give another prediction.
+    relabelled = np.where(dwi.bvals > 0, 1000.0, dwi.bvals)
+    assert not np.allclose(up.predict(data, relabelled, dwi.bvecs, targets, mask), pred, atol=1e-4)
+
+
+def test_several_shells_without_bval_conditioning_is_a_one_line_error(tmp_path, capsys):
+    argv = ["--model", "qgan", "--config", "tiny", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--shells", "1000,2000"]
+    with pytest.raises(SystemExit) as exc:
+        GANTrainer.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: several --shells need --bval_conditioning: the model must know which shell it up-samples\n")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="several --shells need --bval_conditioning"):
+        GANTrainer.training_args(output_dir=tmp_path, model="qgan", shells=[1000, 2000])
+    assert GANTrainer.training_args(output_dir=tmp_path, model="qgan", shells=[1000, 2000],
+                                    bval_conditioning=True).shells == [1000.0, 2000.0]

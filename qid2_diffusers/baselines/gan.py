@@ -17,7 +17,8 @@ class GANUpsampler(SliceUpsampler):
 
     Same slice selection, bounding-box crop, batching and intensity
     normalisation as :class:`~qid2_diffusers.QID2Upsampler`; one
-    deterministic forward pass per batch.
+    deterministic forward pass per batch. A b-conditioned generator (trained on
+    several shells) is told the b-value of the shell it up-samples.
 
     Args:
         generator ([`CGANGenerator`] or [`QGANGenerator`]): the trained generator.
@@ -48,13 +49,21 @@ class GANUpsampler(SliceUpsampler):
     def num_references(self) -> int:
         return int(self.generator.config.num_references)
 
+    @property
+    def bval_conditioning(self) -> bool:
+        """Whether the generator's direction tokens carry b, so that it is told the shell's b-value."""
+        return bool(self.generator.config.bval_conditioning)
+
     @torch.inference_mode()
-    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, **conditions):
-        # The paper's GANs see the references and their directions only.
+    def predict_batch(self, reference_images, reference_bvecs, target_bvecs, keys, *, prior_images=None,
+                      b0_images=None, target_bvals=None, reference_bvals=None):
+        # The paper's GANs see the references and their directions only (and, b-conditioned, their b-values).
         device, dtype = self.generator.device, self.generator.dtype
-        refs = torch.as_tensor(np.asarray(reference_images, dtype=np.float32), device=device)
-        x, scale, size = self.image_processor.preprocess(refs)
-        rb = torch.as_tensor(np.asarray(reference_bvecs, dtype=np.float32), device=device)
-        tb = torch.as_tensor(np.asarray(target_bvecs, dtype=np.float32), device=device)
-        y = self.generator(x.to(dtype), tb, rb)
+
+        def as_tensor(a):
+            return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+
+        x, scale, size = self.image_processor.preprocess(as_tensor(reference_images))
+        bvals = (as_tensor(target_bvals), as_tensor(reference_bvals)) if self.bval_conditioning else ()
+        y = self.generator(x.to(dtype), as_tensor(target_bvecs), as_tensor(reference_bvecs), *bvals)
         return self.image_processor.postprocess(y, scale, size)[:, 0].cpu().numpy(), None

@@ -9,7 +9,9 @@
 
 Every network takes and returns padded slices in the normalised space of
 :class:`~qid2_diffusers.image_processor.QID2ImageProcessor` and reads
-directions through :class:`DirectionEncoder`, like QID². Generators and
+directions through :class:`DirectionEncoder`, like QID²; built with
+``bval_conditioning=True``, the direction tokens also carry each direction's
+b-value, so one network learns and serves several shells. Generators and
 discriminators are ``ModelMixin``s: ``save_pretrained`` writes ``config.json``
 + safetensors and ``from_pretrained`` (or :func:`load_generator`) reads them
 back. Their volume up-sampler is :class:`~qid2_diffusers.baselines.gan.GANUpsampler`.
@@ -50,24 +52,30 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         num_references (`int`, *optional*, defaults to 3): R.
         preset (`str`, *optional*, defaults to `"small"`): U-Net preset, a key of
             :data:`~qid2_diffusers.models.PRESETS`.
+        bval_conditioning (`bool`, *optional*, defaults to `False`): the direction
+            tokens carry b (:class:`DirectionEncoder`); calls must give the b-values.
     """
 
     kind = "cgan"
 
     @register_to_config
-    def __init__(self, num_references: int = 3, preset: str = "small"):
+    def __init__(self, num_references: int = 3, preset: str = "small", bval_conditioning: bool = False):
         super().__init__()
         self.unet = build_unet(preset, num_references)
-        self.direction_encoder = DirectionEncoder(num_references, PRESETS[preset]["cross_attention_dim"])
+        self.direction_encoder = DirectionEncoder(num_references, PRESETS[preset]["cross_attention_dim"],
+                                                  bval_conditioning=bval_conditioning)
 
     @property
     def size_multiple(self) -> int:
         """Inputs are padded to a multiple of this (:class:`~qid2_diffusers.image_processor.QID2ImageProcessor`)."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    def forward(self, reference_images, target_bvecs, reference_bvecs):
-        """Normalised target slices ``(B, 1, H, W)`` from normalised references ``(B, R, H, W)``."""
-        tokens = self.direction_encoder(target_bvecs, reference_bvecs).to(reference_images.dtype)
+    def forward(self, reference_images, target_bvecs, reference_bvecs, target_bvals=None, reference_bvals=None):
+        """Normalised target slices ``(B, 1, H, W)`` from normalised references ``(B, R, H, W)``,
+        directions ``(B, 3)`` and ``(B, R, 3)``, and b-values ``(B,)`` and ``(B, R)`` (s/mm²)
+        when the generator is b-conditioned (ignored otherwise)."""
+        tokens = self.direction_encoder(target_bvecs, reference_bvecs, target_bvals, reference_bvals)
+        tokens = tokens.to(reference_images.dtype)
         x = torch.cat([torch.zeros_like(reference_images[:, :1]), reference_images], dim=1)
         t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.unet(x, t, encoder_hidden_states=tokens).sample
@@ -106,6 +114,8 @@ class QGANGenerator(ModelMixin, ConfigMixin):
         block_out_channels (`tuple` of `int`, *optional*, defaults to `(32, 64, 128)`): width per level.
         embed_dim (`int`, *optional*, defaults to 64): direction token width.
         norm_num_groups (`int`, *optional*, defaults to 8): GroupNorm groups.
+        bval_conditioning (`bool`, *optional*, defaults to `False`): the direction
+            tokens carry b (:class:`DirectionEncoder`); calls must give the b-values.
     """
 
     kind = "qgan"
@@ -117,11 +127,12 @@ class QGANGenerator(ModelMixin, ConfigMixin):
         block_out_channels: tuple = (32, 64, 128),
         embed_dim: int = 64,
         norm_num_groups: int = 8,
+        bval_conditioning: bool = False,
     ):
         super().__init__()
         chans = list(block_out_channels)
         cond_dim = embed_dim * 2
-        self.direction_encoder = DirectionEncoder(num_references, embed_dim)
+        self.direction_encoder = DirectionEncoder(num_references, embed_dim, bval_conditioning=bval_conditioning)
         self.cond = nn.Sequential(nn.Linear((num_references + 1) * embed_dim, cond_dim), nn.SiLU())
         self.conv_in = nn.Conv2d(num_references, chans[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -144,9 +155,9 @@ class QGANGenerator(ModelMixin, ConfigMixin):
     def size_multiple(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def forward(self, reference_images, target_bvecs, reference_bvecs):
-        """Normalised target slices ``(B, 1, H, W)`` from normalised references ``(B, R, H, W)``."""
-        tokens = self.direction_encoder(target_bvecs, reference_bvecs)
+    def forward(self, reference_images, target_bvecs, reference_bvecs, target_bvals=None, reference_bvals=None):
+        """Normalised target slices ``(B, 1, H, W)``; arguments as for :meth:`CGANGenerator.forward`."""
+        tokens = self.direction_encoder(target_bvecs, reference_bvecs, target_bvals, reference_bvals)
         emb = self.cond(tokens.flatten(1)).to(reference_images.dtype)
         h = self.conv_in(reference_images)
         skips = []
@@ -182,6 +193,8 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
             embedding of the directions.
         embed_dim (`int`, *optional*, defaults to 64): direction token width.
         num_heads (`int`, *optional*, defaults to 4): attention heads.
+        bval_conditioning (`bool`, *optional*, defaults to `False`): the direction
+            tokens carry b, as the generator's do; calls must give the b-values.
     """
 
     @register_to_config
@@ -193,11 +206,12 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         direction_conditioning: str = "cross_attention",
         embed_dim: int = 64,
         num_heads: int = 4,
+        bval_conditioning: bool = False,
     ):
         super().__init__()
         if direction_conditioning not in ("cross_attention", "projection"):
             raise ValueError(f"direction_conditioning must be cross_attention or projection, got {direction_conditioning!r}")
-        self.direction_encoder = DirectionEncoder(num_references, embed_dim)
+        self.direction_encoder = DirectionEncoder(num_references, embed_dim, bval_conditioning=bval_conditioning)
         self.layers = nn.ModuleList()
         self.attentions = nn.ModuleList()
         prev = num_references + 1
@@ -216,9 +230,12 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         if direction_conditioning == "projection":
             self.projection = nn.Linear((num_references + 1) * embed_dim, c)
 
-    def forward(self, reference_images, target_images, target_bvecs, reference_bvecs):
-        """Patch logits for ``(B, R, H, W)`` references and ``(B, 1, H, W)`` targets."""
-        tokens = self.direction_encoder(target_bvecs, reference_bvecs).to(reference_images.dtype)
+    def forward(self, reference_images, target_images, target_bvecs, reference_bvecs, target_bvals=None,
+                reference_bvals=None):
+        """Patch logits for ``(B, R, H, W)`` references and ``(B, 1, H, W)`` targets; directions
+        and b-values as for :meth:`CGANGenerator.forward`."""
+        tokens = self.direction_encoder(target_bvecs, reference_bvecs, target_bvals, reference_bvals)
+        tokens = tokens.to(reference_images.dtype)
         h = torch.cat([reference_images, target_images], dim=1)
         for i, layer in enumerate(self.layers):
             h = layer(h)

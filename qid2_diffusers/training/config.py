@@ -33,7 +33,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: the other ignores them, so one YAML can drive QID² and the GANs.
 SCRIPT_SPECIFIC = {
     "prediction_type", "inference_scheduler", "validation_num_inference_steps",  # QID²
-    "physics_prior", "bval_conditioning", "timestep_bias_portion",  # QID²
+    "physics_prior", "timestep_bias_portion",  # QID²
     "model", "lambda_adversarial", "lambda_l1", "discriminator_update_interval",  # GANs
 }
 
@@ -48,6 +48,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--preset", type=str, default="small", choices=["tiny", "small", "paper"],
                    help="Network size (qid2_diffusers.models.PRESETS); without --config, the shipped config of that name "
                    "also supplies the defaults ('paper': the paper's protocol). 'tiny' is for tests only.")
+    g.add_argument("--bval_conditioning", action="store_true",
+                   help="Direction tokens carry b, so one network learns and serves every shell of --shells.")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", type=str, default=None, help="HCP or BIDS root of the training subjects.")
@@ -57,7 +59,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", type=str, default=None, help="Preprocessed slice caches; defaults to OUTPUT_DIR/cache.")
     g.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell to learn (see --shells).")
     g.add_argument("--shells", type=number_list(float), default=None,
-                   help="Several shells to learn, e.g. 1000,2000,3000 (QID² needs --bval_conditioning); overrides --shell.")
+                   help="Several shells to learn, e.g. 1000,2000,3000 (needs --bval_conditioning); overrides --shell.")
     g.add_argument("--n_acquired", type=number_list(int), default=[30],
                    help="Directions of the shell kept as acquired, the rest being targets; several values "
                         "(e.g. 10,15,20,30,45) train on each, so the model meets sparse and dense acquisitions.")

@@ -11,6 +11,10 @@ two generator updates. The output folder holds the generator
 
     python training/train_gan.py --model qgan --preset small --data_dir data/phantoms \\
         --output_dir weights/qgan-small-r3 --max_train_steps 20000
+
+With ``--bval_conditioning`` both networks' direction tokens carry b (as
+QID²'s do), so one generator learns every shell of ``--shells``; several
+shells require it.
 """
 
 from __future__ import annotations
@@ -35,18 +39,20 @@ __all__ = ["GANTrainer", "build_gan", "adversarial_loss", "main", "DEFAULT_LEARN
 DEFAULT_LEARNING_RATES = {"cgan": 2.5e-5, "qgan": 5e-5}
 
 
-def build_gan(model: str, preset: str, num_references: int, seed: int):
-    """Generator and discriminator of ``model`` (``cgan`` or ``qgan``) sized from a U-Net preset."""
+def build_gan(model: str, preset: str, num_references: int, seed: int, bval_conditioning: bool = False):
+    """Generator and discriminator of ``model`` (``cgan`` or ``qgan``) sized from a U-Net preset,
+    both b-conditioned or neither."""
     torch.manual_seed(seed)
     p = PRESETS[preset]
     if model == "cgan":
-        generator = CGANGenerator(num_references=num_references, preset=preset)
+        generator = CGANGenerator(num_references=num_references, preset=preset, bval_conditioning=bval_conditioning)
     else:
         generator = QGANGenerator(
             num_references=num_references,
             block_out_channels=tuple(p["block_out_channels"]),
             embed_dim=p["cross_attention_dim"],
             norm_num_groups=p["norm_num_groups"],
+            bval_conditioning=bval_conditioning,
         )
     discriminator = PatchDiscriminator(
         num_references=num_references,
@@ -54,6 +60,7 @@ def build_gan(model: str, preset: str, num_references: int, seed: int):
         direction_conditioning="cross_attention" if model == "cgan" else "projection",
         embed_dim=p["cross_attention_dim"],
         num_heads=p["attention_head_dim"],
+        bval_conditioning=bval_conditioning,
     )
     return generator, discriminator
 
@@ -105,7 +112,8 @@ class GANTrainer(Trainer):
         return f"{self.args.model} (this model)"
 
     def build_models(self) -> dict:
-        generator, discriminator = build_gan(self.args.model, self.args.preset, self.args.R, self.args.seed)
+        args = self.args
+        generator, discriminator = build_gan(args.model, args.preset, args.R, args.seed, args.bval_conditioning)
         self.processor = QID2ImageProcessor(generator.size_multiple)
         # The last discriminator loss, logged on the steps that do not update it.
         self.d_loss = torch.zeros(())
@@ -116,20 +124,22 @@ class GANTrainer(Trainer):
         gen, disc = self.models["generator"], self.models["discriminator"]
         target, references = batch["target"], batch["references"]
         tb, rb = batch["target_bvec"], batch["reference_bvecs"]
+        # The networks ignore b unless they are b-conditioned.
+        bvals = {k: batch[k] for k in ("target_bvals", "reference_bvals") if k in batch}
         padded, size = self.processor.pad(references)
-        fake = self.processor.crop(gen(padded, tb, rb), size)
+        fake = self.processor.crop(gen(padded, tb, rb, **bvals), size)
 
         if self.state.global_step % args.discriminator_update_interval == 0:
             # Real and fake in one call: one forward and one backward per update under DDP.
             logits = disc(
                 torch.cat([references, references]), torch.cat([target, fake.detach()]),
-                torch.cat([tb, tb]), torch.cat([rb, rb]),
+                torch.cat([tb, tb]), torch.cat([rb, rb]), **{k: torch.cat([v, v]) for k, v in bvals.items()},
             )
             real_logits, fake_logits = logits.chunk(2)
             self.d_loss = 0.5 * (adversarial_loss(real_logits, True) + adversarial_loss(fake_logits, False))
             self.optimizer_step("discriminator", self.d_loss)
 
-        adv = adversarial_loss(disc(references, fake, tb, rb), True)
+        adv = adversarial_loss(disc(references, fake, tb, rb, **bvals), True)
         l1 = masked_mean((fake.float() - target.float()).abs(), None if args.unmasked_loss else batch["mask"])
         loss = args.lambda_adversarial * adv + args.lambda_l1 * l1
         return {"loss": loss, "l1": l1, "adversarial": adv, "d_loss": self.d_loss}
@@ -150,6 +160,7 @@ class GANTrainer(Trainer):
             "model": args.model, "preset": args.preset, "learning_rate": f"{args.learning_rate:g}",
             "lambda_adversarial": args.lambda_adversarial, "lambda_l1": args.lambda_l1,
             "discriminator_update_interval": args.discriminator_update_interval,
+            "bval_conditioning": args.bval_conditioning,
         }
 
 

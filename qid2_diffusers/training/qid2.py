@@ -92,8 +92,6 @@ class QID2Trainer(Trainer):
         g.add_argument("--physics_prior", action="store_true",
                        help="Condition on the tensor-fit prediction of the target from the kept directions and the "
                             "mean b0, and learn the residual target - prior (off: the paper's configuration).")
-        g.add_argument("--bval_conditioning", action="store_true",
-                       help="Direction tokens carry b, so one model serves every shell of --shells.")
         g.add_argument("--timestep_bias_portion", type=float, default=0.0,
                        help="Fraction of training timesteps drawn from the noisiest quarter of the schedule, where "
                             "few-step samplers start (0: uniform, as in the paper).")
@@ -103,8 +101,6 @@ class QID2Trainer(Trainer):
         args = super().complete_args(args, error)
         if args.learning_rate is None:
             args.learning_rate = DEFAULT_LEARNING_RATE
-        if len(args.shells) > 1 and not args.bval_conditioning:
-            error("several --shells need --bval_conditioning: the model must know which shell it up-samples")
         return args
 
     @property

@@ -159,7 +159,10 @@ class Trainer:
         """Check ``args`` and fill defaults that depend on other arguments; ``error(message)`` does not return."""
         if args.gradient_accumulation_steps < 1 or args.train_batch_size < 1:
             error("--train_batch_size and --gradient_accumulation_steps must be >= 1")
-        return data_settings(args)
+        args = data_settings(args)
+        if len(args.shells) > 1 and not args.bval_conditioning:
+            error("several --shells need --bval_conditioning: the model must know which shell it up-samples")
+        return args
 
     @classmethod
     def parser(cls):
@@ -175,7 +178,8 @@ class Trainer:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = parse_args(parser, argv)
         args.command = command_line(argv, cls.script, cls.module)
-        return cls.complete_args(args, parser.error)
+        # One line and exit status 2, like an input error (run): the usage text would bury the reason.
+        return cls.complete_args(args, lambda message: parser.exit(2, f"error: {message}\n"))
 
     @classmethod
     def training_args(cls, *, output_dir, config=None, **settings):
