@@ -284,3 +284,11 @@ def test_slices_of_other_sizes_batch_together_with_masked_padding(scheme90, tmp_
     loader = DataLoader(dataset, batch_size=8, shuffle=True, collate_fn=collate_slices,
                         generator=torch.Generator().manual_seed(0))
     assert next(iter(loader))["target"].shape[0] == 8
+
+
+def test_a_cache_with_the_prior_serves_models_without_it(subject, tmp_path):
+    with_prior = build_cache(subject, tmp_path, subject_id="s1", prior=True)
+    assert build_cache(subject, tmp_path, subject_id="s1") == with_prior
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [with_prior.name]
+    plain, prior = QID2Dataset(with_prior, num_references=3), QID2Dataset(with_prior, num_references=3, physics_prior=True)
+    assert "prior" not in plain[0] and torch.equal(plain[0]["target"], prior[0]["target"])

@@ -132,9 +132,14 @@ def build_cache(
         "source": _fingerprint(dwi),
     }
     cache_dir = Path(cache_dir)
-    folder = cache_dir / f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}{'_prior' if prior else ''}"
+    stem = f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}"
+    folder = cache_dir / f"{stem}{'_prior' if prior else ''}"
     if _cache_matches(folder, params):
         return folder
+    # A cache with the prior holds everything one without it does (the same
+    # slices, split and mask): models without a prior read it as it is.
+    if not prior and _cache_matches(cache_dir / f"{stem}_prior", {**params, "prior": True}):
+        return cache_dir / f"{stem}_prior"
 
     members = shell_indices(dwi.bvals, shell, b0_threshold=dwi.b0_threshold, path=dwi.path)
     if n_acquired > len(members):
