@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,22 @@ def training_cohort(tmp_path_factory) -> Path:
         (folder / "data.bvec").rename(folder / "bvecs")
         save_nifti(folder / "nodif_brain_mask.nii.gz", mask[:, :, z].astype(np.uint8), s.affine)
     return root
+
+
+@pytest.fixture(scope="session")
+def accelerate_launch():
+    """A function giving ``accelerate launch`` of two CPU processes running ``python -m qid2_diffusers.cli``
+    (arguments to append), on a port free at the time of the call.
+
+    ``--multi_gpu`` is what makes accelerate start several processes on a machine without GPUs.
+    """
+
+    def command() -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", "qid2_diffusers.cli"]
+
+    return command
