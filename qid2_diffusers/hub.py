@@ -184,13 +184,17 @@ def with_scheduler(pipeline, name: str | None):
         return pipeline
     if name not in SCHEDULERS:
         raise QID2InputError(None, f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    return type(pipeline)(
+    swapped = type(pipeline)(
         unet=pipeline.unet,
         direction_encoder=pipeline.direction_encoder,
         scheduler=make_scheduler(name, pipeline.scheduler.config),
         default_num_inference_steps=pipeline.config.default_num_inference_steps,
         physics_prior=pipeline.physics_prior,
+        default_adapt_steps=pipeline.config.default_adapt_steps,
     )
+    # Where the weights came from, as from_pretrained records it.
+    swapped.register_to_config(_name_or_path=pipeline.name_or_path)
+    return swapped
 
 
 def load_pipeline(

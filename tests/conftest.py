@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,22 @@ def training_cohort(tmp_path_factory) -> Path:
 def multishell_training_cohort(tmp_path_factory) -> Path:
     """The same two subjects with shells b=1000 and b=2000 (90 directions each)."""
     return _write_cohort(tmp_path_factory.mktemp("multishell-training-cohort"), shells=(1000, 2000))
+
+
+@pytest.fixture(scope="session")
+def accelerate_launch():
+    """A function giving ``accelerate launch`` of two CPU processes running ``python -m qid2_diffusers.cli``
+    (arguments to append), on a port free at the time of the call.
+
+    ``--multi_gpu`` is what makes accelerate start several processes on a machine without GPUs.
+    """
+
+    def command() -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", "qid2_diffusers.cli"]
+
+    return command

@@ -87,6 +87,10 @@ def test_scheduler_swap_shares_weights_and_keeps_original(tiny_model_dir):
     ddim = with_scheduler(pipe, "ddim")
     assert isinstance(ddim.scheduler, DDIMScheduler) and isinstance(pipe.scheduler, DDPMScheduler)
     assert ddim.unet is pipe.unet
+    # The model's other defaults and its origin stay with it.
+    pipe.register_to_config(default_adapt_steps=7)
+    kept = with_scheduler(pipe, "ddim")
+    assert kept.config.default_adapt_steps == 7 and kept.name_or_path == pipe.name_or_path == str(tiny_model_dir)
     # The sampler inherits the training schedule (prediction type, betas).
     assert ddim.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
     dpm = load_pipeline(tiny_model_dir, scheduler="dpm++", device="cpu")

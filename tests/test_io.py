@@ -1,6 +1,9 @@
 import gzip
+import os
+import shutil
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +16,9 @@ from qid2_diffusers.data.io import (
     check_enough_directions,
     extract_shell,
     group_shells,
+    atomic_write,
     load_dwi,
+    remove_temporaries,
     shell_label,
     save_dwi,
     save_nifti,
@@ -397,6 +402,28 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         save_dwi(tmp_path / "new", data, bvals, bvecs, AFFINE)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # old outputs untouched, no partial new ones, no temporaries
+
+
+def test_temporaries_a_killed_writer_leaves_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    bvals, bvecs = scheme(n_b0=1, n_dirs=4)
+    left, real_replace = [], os.replace
+
+    def replace_leaving_a_copy(src, dst):
+        left.append(tmp_path / "sub" / Path(src).name)  # what a writer killed before its rename leaves
+        left[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(src, left[-1])
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_leaving_a_copy)
+    save_dwi(tmp_path / "out", np.ones((3, 4, 2, 5), np.float32), bvals, bvecs, AFFINE)
+    atomic_write(tmp_path / "table.tsv", lambda tmp: tmp.write_text("a\tb\n"))
+    monkeypatch.undo()
+    keep = [tmp_path / "sub" / name for name in (".out.qid2-done.json", ".hidden", "notes.tmp", ".x.tmp.nii.gz")]
+    for path in keep:
+        path.write_text("")
+    assert len(left) == 4 and sorted(remove_temporaries(tmp_path)) == sorted(left)
+    assert sorted((tmp_path / "sub").iterdir()) == sorted(keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bval", "out.bvec", "out.nii.gz", "sub", "table.tsv"]
 
 
 def test_save_nifti_map(tmp_path):

@@ -2,9 +2,7 @@
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -147,20 +145,11 @@ def test_bad_input_one_line_error_and_no_output(case, crop, tmp_path, tiny_model
     assert set(tmp_path.rglob("*")) == before  # nothing written, no temporary left behind
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_accelerate_processes_match_one(crop, tmp_path, tiny_model_dir):
+def test_two_accelerate_processes_match_one(crop, tmp_path, tiny_model_dir, accelerate_launch):
     args = ["upsample", "--dwi", crop["nii.gz"], "--bvals", crop["bval"], "--bvecs", crop["bvec"], "--shell", "3000",
             "--n-targets", "9", "--model", str(tiny_model_dir), *STEPS, "--num-samples", "2", "--seed", "5"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "qid2_diffusers.cli"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+    done = subprocess.run([*accelerate_launch(), *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stdout and done.stdout.count("targets synthesised") == 1

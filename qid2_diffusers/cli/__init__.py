@@ -63,6 +63,7 @@ def _one_line_warnings(command: str):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that describe their outputs
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -1,11 +1,13 @@
-"""``qid2 upsample``: synthesise the missing gradient directions of a DWI series.
+"""``qid2 upsample``: synthesise the missing gradient directions of a DWI series, or of a whole cohort.
 
-The command line of :func:`qid2_diffusers.inference.upsample_dwi`; ``--example``
-runs :func:`qid2_diffusers.example.run_example`.
+The command line of :func:`qid2_diffusers.inference.upsample_dwi`; ``--cohort``
+runs :func:`qid2_diffusers.cohort.upsample_cohort` and ``--example``
+:func:`qid2_diffusers.example.run_example`.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 import warnings
 
@@ -50,6 +52,8 @@ def add_parser(subparsers) -> None:
             "synthesised at the target directions, by increasing b (PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec). "
             "Any stored orientation is handled: the series is up-sampled in the model's orientation and written "
             "back in its own, with its affine, header and b-vector convention. "
+            "With --cohort, every series of a BIDS or HCP dataset or of a list file, resumably, written under "
+            "--out-dir with a summary table (exit status 1 when a subject failed). "
             "Or run the seeded phantom example with --example."
         ),
     )
@@ -61,6 +65,14 @@ def add_parser(subparsers) -> None:
     g.add_argument("--shell", type=float, action="append", dest="shells", metavar="B",
                    help="b-value of a shell to up-sample; repeat for several (default: every shell)")
     g.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec")
+    g.add_argument("--cohort", metavar="DIR_OR_LIST",
+                   help="up-sample every series of a BIDS dataset (sub-*/[ses-*/]dwi/*_dwi.nii.gz), an HCP folder "
+                        "(<subject>/T1w/Diffusion/data.nii.gz) or a list file (one .nii.gz path per line, bval/bvec "
+                        "beside it) into --out-dir; instead of --dwi/--out. Finished subjects are skipped on a rerun; "
+                        "under accelerate launch, whole subjects are spread over the processes")
+    g.add_argument("--out-dir", metavar="DIR",
+                   help="output folder of --cohort (a BIDS derivative for a BIDS dataset, plus "
+                        "qid2_cohort_summary.tsv) or of --example (default for --example: the current folder)")
     t = p.add_argument_group("target directions (at most one; default --n-targets 90)")
     t.add_argument("--targets", metavar="T.bvec",
                    help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise in every shell, "
@@ -73,7 +85,6 @@ def add_parser(subparsers) -> None:
     e = p.add_argument_group("example")
     e.add_argument("--example", action="store_true",
                    help="make a seeded phantom with 30 directions, up-sample it to 90 and report FA errors")
-    e.add_argument("--out-dir", default=".", metavar="DIR", help="folder for the example's files (default: the current folder)")
     p.set_defaults(run=run)
 
 
@@ -81,7 +92,7 @@ def _run_example(args) -> int:
     from ..example import run_example
 
     run_example(
-        args.out_dir,
+        args.out_dir or ".",
         model=args.model,
         num_references=args.num_references,
         scheduler=args.scheduler,
@@ -95,6 +106,35 @@ def _run_example(args) -> int:
         compile=args.compile,
     )
     return 0
+
+
+def _run_cohort(args) -> int:
+    from ..cohort import find_cohort, upsample_cohort
+    from ..hub import load_pipeline
+    from ..inference import process_state, read_targets
+
+    given = [f"--{name}" for name in ("dwi", "bvals", "bvecs", "mask", "out") if getattr(args, name) is not None]
+    if given:
+        raise QID2InputError(None, f"--cohort finds each subject's files: drop {', '.join(given)}")
+    if args.out_dir is None:
+        raise QID2InputError(None, "--cohort needs --out-dir, the folder the outputs go to")
+    state = process_state(args.device)
+    cohort = find_cohort(args.cohort, args.out_dir, state=state)
+    targets = read_targets(args.targets) if args.targets is not None else None
+    device = state.device if state is not None and args.device == "auto" else args.device
+    pipe = load_pipeline(args.model, num_references=args.num_references, scheduler=args.scheduler, device=device,
+                         dtype=args.dtype, compile=args.compile)
+    report = upsample_cohort(cohort, pipe, targets, state=state, command=shlex.join(["qid2", *args.argv]),
+                             shells=args.shells, n_targets=args.n_targets, scheme=args.scheme,
+                             num_inference_steps=args.steps, num_samples=args.num_samples,
+                             adapt_steps=args.adapt_steps, batch_size=args.batch_size, seed=args.seed)
+    if state is None or state.is_main_process:
+        processes = f"{report.num_processes} process{'es' if report.num_processes > 1 else ''}"
+        print(f"qid2 upsample: {len(report.outcomes)} subjects on {processes}: {report.count('done')} done, "
+              f"{report.count('skipped')} skipped (already done), {report.count('failed')} failed "
+              f"-> {report.summary_path}")
+        print(report.table())
+    return 1 if report.failed else 0
 
 
 def run(args) -> int:
@@ -111,8 +151,10 @@ def run(args) -> int:
             raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least {smallest}, got {value}")
     if args.example:
         return _run_example(args)
+    if args.cohort is not None:
+        return _run_cohort(args)
     if args.dwi is None or args.out is None:
-        raise QID2InputError(None, "--dwi and --out are required (or run --example)")
+        raise QID2InputError(None, "--dwi and --out are required (or --cohort DIR --out-dir OUT, or --example)")
 
     state = process_state(args.device)
     if state is not None and not state.is_main_process:

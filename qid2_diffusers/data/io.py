@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import uuid
 import warnings
 import zlib
@@ -46,6 +47,7 @@ __all__ = [
     "save_dwi",
     "save_nifti",
     "atomic_write",
+    "remove_temporaries",
 ]
 
 
@@ -541,11 +543,32 @@ def _gradient_scheme(bvals, bvecs, bvals_path, bvecs_path, b0_threshold):
 # Writing
 
 
+#: Names :func:`_temp_sibling` gives: ``.<final name>.<12 hex digits>.tmp<suffix>``.
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.nii\.gz|\.[^.]+)?$")
+
+
 def _temp_sibling(final: Path) -> Path:
     # Same folder so os.replace is an atomic rename; the real suffix last so
     # nibabel still picks the format (and gzip) from the name.
     suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+
+
+def remove_temporaries(folder) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` or :func:`save_dwi` left under ``folder``.
+
+    A process killed between writing and renaming (``kill -9``, a lost node)
+    cannot clean up after itself; a later run over the same folder can. Only
+    names of this module's temporaries are touched. Call it while no other
+    process writes there.
+
+    Returns:
+        `list[Path]`: the files removed.
+    """
+    found = [p for p in Path(folder).rglob(".*") if _TEMP_NAME.match(p.name) and p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def _output_header(header, shape, dtype) -> nib.Nifti1Header:
