@@ -424,6 +424,14 @@ def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_co
     # One line naming the input and the problem (after diffusers' loading bars), exit status 2, no traceback.
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == f"error: {tmp_path / 'r6'}: has another architecture than {tmp_path / 'a'}"
-    with pytest.raises(SystemExit):
-        average_weights.main(["--inputs", str(tmp_path / "a"), "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x" / "model_index.json").exists()
+
+    # One input: re-saved with new defaults (how a run becomes a shipped model), weights and options kept.
+    prior = build_pipeline("tiny", 3, seed=4, physics_prior=True, bval_conditioning=True)
+    prior.save_pretrained(tmp_path / "prior")
+    assert average_weights.main(["--inputs", str(tmp_path / "prior"), "--output_dir", str(tmp_path / "ship"),
+                                 "--default_adapt_steps", "7", "--save_dtype", "fp32"]) == 0
+    shipped = QID2Pipeline.from_pretrained(tmp_path / "ship")
+    assert shipped.physics_prior and shipped.bval_conditioning and shipped.config.default_adapt_steps == 7
+    for key, value in prior.unet.state_dict().items():
+        torch.testing.assert_close(shipped.unet.state_dict()[key], value, rtol=0, atol=0)

@@ -12,7 +12,9 @@ figures go to ``OUTPUT_DIR/average_summary.json`` and ``validation.png``::
     python training/average_weights.py --inputs runs/crops runs/slices --output_dir runs/soup \\
         --validation_data_dir data/val --cache_dir runs/cache --default_num_inference_steps 1
 
-The inputs must share the architecture, R and prediction type (checked).
+The inputs must share the architecture, R and prediction type (checked). One
+input re-saves it with new defaults (sampler, steps, test-time adaptation
+steps), scored the same way: how a run becomes a shipped model.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--inference_scheduler", choices=sorted(SCHEDULERS), help="sampler to save (default: the first input's)")
     p.add_argument("--default_num_inference_steps", type=int, help="steps to save (default: the first input's)")
+    p.add_argument("--default_adapt_steps", type=int,
+                   help="test-time adaptation steps to save as the model's default (default: the first input's)")
     p.add_argument("--save_dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--validation_data_dir", help="held-out subjects to score the average on (HCP or BIDS root)")
     p.add_argument("--cache_dir", help="slice caches of the validation subjects (default: OUTPUT_DIR/cache)")
@@ -50,8 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_acquired", type=int, default=30, help="directions kept in validation (default 30)")
     args = p.parse_args(argv)
     args.validation_n_acquired = args.n_acquired
-    if len(args.inputs) < 2:
-        p.error("--inputs needs at least two pipelines to average")
     return args
 
 
@@ -92,13 +94,17 @@ def average(argv=None) -> int:
         scheduler=make_scheduler(args.inference_scheduler, mean.scheduler.config) if args.inference_scheduler
         else mean.scheduler,
         default_num_inference_steps=args.default_num_inference_steps or mean.config.default_num_inference_steps,
+        physics_prior=mean.physics_prior,
+        default_adapt_steps=mean.config.get("default_adapt_steps", 0) if args.default_adapt_steps is None
+        else args.default_adapt_steps,
     )
     pipe.set_progress_bar_config(disable=True)
 
     command = command_line(argv, "training/average_weights.py", "qid2_diffusers.training.average_weights")
     summary = {"inputs": [str(Path(f)) for f in args.inputs], "command": command,
                "scheduler": type(pipe.scheduler).__name__,
-               "default_num_inference_steps": pipe.config.default_num_inference_steps}
+               "default_num_inference_steps": pipe.config.default_num_inference_steps,
+               "default_adapt_steps": pipe.config.default_adapt_steps}
     if args.validation_data_dir:
         from ..data.layouts import discover_subjects
         from ..pipelines import QID2Upsampler
