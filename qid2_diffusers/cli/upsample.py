@@ -61,6 +61,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--shell", type=float, action="append", dest="shells", metavar="B",
                    help="b-value of a shell to up-sample; repeat for several (default: every shell)")
     g.add_argument("--out", metavar="PREFIX", help="output prefix: writes PREFIX.nii.gz, PREFIX.bval, PREFIX.bvec")
+    g.add_argument("--timings", action="store_true",
+                   help="also print, on one line, the wall seconds of each stage (read, mask, tensor prior, "
+                        "adaptation, sampling, write, ...)")
     t = p.add_argument_group("target directions (at most one; default --n-targets 90)")
     t.add_argument("--targets", metavar="T.bvec",
                    help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise in every shell, "
@@ -144,4 +147,6 @@ def run(args) -> int:
         f"{f', adapted to the scan in {result.adaptation_seconds:.1f} s ({result.adapt_steps} steps)' if result.adapt_steps else ''}"
         f") -> {paths[0]}"
     )
+    if args.timings:
+        print(result.format_timings())
     return 0
