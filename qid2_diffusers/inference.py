@@ -20,14 +20,16 @@ any N gives the same volume.
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import QID2InputError, QID2InputWarning
 from .gradients import split_scheme, target_directions
+from .timing import add_timings, format_timings, timed
 
 __all__ = [
     "TRAINED_SHELL",
@@ -85,6 +87,8 @@ class UpsampleResult:
             deviation over samples, when more than one sample was drawn.
         adapt_steps (`int`, *optional*, defaults to 0): test-time adaptation steps per shell.
         adaptation_seconds (`float`, *optional*, defaults to 0): wall time they took, every shell together.
+        timings (`dict`, *optional*): wall seconds per stage (:data:`~qid2_diffusers.timing.STAGES`),
+            every shell together; :meth:`save` adds ``write``. Their sum is the run's wall time.
     """
 
     data: np.ndarray
@@ -95,6 +99,7 @@ class UpsampleResult:
     std: np.ndarray | None = None
     adapt_steps: int = 0
     adaptation_seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
 
     @property
     def n_targets(self) -> int:
@@ -113,15 +118,20 @@ class UpsampleResult:
         prefix = Path(prefix)
         stem = nifti_stem(prefix)
         written = []
-        if self.std is not None:
-            written.append(save_nifti(prefix.with_name(f"{stem}_std.nii.gz"), self.std, affine, header))
-        try:
-            written[:0] = save_dwi(prefix, self.data, self.bvals, self.bvecs, affine, header)
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
+        with timed(self.timings, "write"):
+            if self.std is not None:
+                written.append(save_nifti(prefix.with_name(f"{stem}_std.nii.gz"), self.std, affine, header))
+            try:
+                written[:0] = save_dwi(prefix, self.data, self.bvals, self.bvecs, affine, header)
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
         return written
+
+    def format_timings(self) -> str:
+        """:attr:`timings` as one line (:func:`~qid2_diffusers.timing.format_timings`)."""
+        return format_timings(self.timings)
 
 
 @dataclass(frozen=True)
@@ -406,6 +416,10 @@ def upsample_dwi(
         state (`accelerate.PartialState`, *optional*): split the targets across
             its processes; only the main process gets the result (others get `None`).
 
+    Returns:
+        [`UpsampleResult`], whose ``timings`` say where the wall time went (read,
+        mask, tensor prior, adaptation, sampling, ...; :mod:`~qid2_diffusers.timing`).
+
     Warns:
         QID2InputWarning: a shell outside the b-values the model was trained on,
             a shell skipped, empty volumes, NaN voxels (one line each).
@@ -414,6 +428,7 @@ def upsample_dwi(
     from .data.series import read_series
     from .directions import normalize_bvecs
 
+    start_time, timings = time.perf_counter(), {}
     main = state is None or state.is_main_process
     if shells is not None:
         # Checked before the series is read: a missing shell is known from the b-values alone.
@@ -425,7 +440,7 @@ def upsample_dwi(
             raise QID2InputError(None, "give at most one of --targets, --n-targets and --scheme")
         fsl_targets = normalize_bvecs(target_directions(target_bvecs))
     extra = _max_new_volumes(dwi, shells, fsl_targets, n_targets, scheme) if main else 0
-    series = read_series(dwi, mask=mask, extra_volumes=extra)
+    series = read_series(dwi, mask=mask, extra_volumes=extra, timings=timings)
     targets = None if fsl_targets is None else series.orientation.bvecs_to_working(fsl_targets)
     plans = plan_shells(series, targets, shells=shells, n_targets=n_targets, scheme=scheme,
                         num_references=pipeline.num_references)
@@ -448,6 +463,7 @@ def upsample_dwi(
                         num_samples > 1, state)
         start = tail.stop
         adaptation_seconds += upsampler.adaptation_seconds
+        add_timings(timings, upsampler.timings)
     if not main:
         return None
     new_bvals = [np.full(len(p.targets), p.bval) for p in plans]
@@ -461,6 +477,7 @@ def upsample_dwi(
         std=std,
         adapt_steps=upsampler.adapt_steps if plans else 0,
         adaptation_seconds=adaptation_seconds,
+        timings={**timings, "other": time.perf_counter() - start_time - sum(timings.values())},
     )
 
 

@@ -7,11 +7,13 @@ inference and in test-time adaptation) and by the command line's FA report.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .gradients import B0_THRESHOLD
+from .threads import cpu_workers
 
 __all__ = ["TensorMaps", "TensorPrior", "fit_tensor"]
 
@@ -39,7 +41,24 @@ class TensorMaps:
         return self.evecs[..., :, 0]
 
 
-def fit_tensor(data, bvals, bvecs, mask=None, *, fit_method: str = "WLS") -> TensorMaps:
+def _fit_slabs(model, data, mask, workers: int):
+    """dipy's fit, on ``workers`` threads each fitting a slab of slices (numpy's
+    linear algebra releases the GIL); voxels are fitted independently, so the
+    parameters are those of one fit of the whole volume, bit for bit."""
+    from dipy.reconst.dti import TensorFit
+
+    slabs = [z for z in np.array_split(np.arange(data.shape[2]), workers) if len(z)]
+    if len(slabs) < 2:
+        return model.fit(data, mask=mask)
+
+    def params(z):
+        return model.fit(data[:, :, z[0] : z[-1] + 1], mask=None if mask is None else mask[:, :, z[0] : z[-1] + 1]).model_params
+
+    with ThreadPoolExecutor(len(slabs)) as pool:
+        return TensorFit(model, np.concatenate(list(pool.map(params, slabs)), axis=2))
+
+
+def fit_tensor(data, bvals, bvecs, mask=None, *, fit_method: str = "WLS", workers: int | None = None) -> TensorMaps:
     """Fit a single tensor per voxel with dipy.
 
     Args:
@@ -47,6 +66,9 @@ def fit_tensor(data, bvals, bvecs, mask=None, *, fit_method: str = "WLS") -> Ten
         bvals (`array-like` of shape `(N,)`), bvecs (`array-like` of shape `(N, 3)`): the scheme.
         mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): voxels to fit.
         fit_method (`str`, *optional*, defaults to `"WLS"`): dipy's fit method.
+        workers (`int`, *optional*): threads, each fitting a slab of slices (the
+            same parameters as one thread); defaults to
+            :func:`~qid2_diffusers.threads.cpu_workers`.
     """
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
@@ -59,7 +81,9 @@ def fit_tensor(data, bvals, bvecs, mask=None, *, fit_method: str = "WLS") -> Ten
     gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=B0_THRESHOLD)
     # Negative or zero signal (noise floor, interpolation) breaks the log in the fit.
     data = np.maximum(data, 1e-6)
-    fit = TensorModel(gtab, fit_method=fit_method).fit(data, mask=mask)
+    model = TensorModel(gtab, fit_method=fit_method)
+    workers = cpu_workers() if workers is None else int(workers)
+    fit = _fit_slabs(model, data, mask, workers) if data.ndim == 4 and workers > 1 else model.fit(data, mask=mask)
     fa = np.nan_to_num(fit.fa).astype(np.float32)
     md = np.nan_to_num(fit.md).astype(np.float32)
     evecs = np.nan_to_num(fit.evecs).astype(np.float32)

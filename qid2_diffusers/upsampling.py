@@ -10,6 +10,8 @@ directions; the output holds one volume per target, at the shell's b-value.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -18,6 +20,7 @@ from .directions import nearest_references, normalize_bvecs
 from .errors import QID2InputError
 from .gradients import as_bvals_bvecs, is_gradient_table, split_scheme, target_directions
 from .tensor import TensorPrior
+from .timing import timed
 
 __all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
 
@@ -109,6 +112,10 @@ class SliceUpsampler(VolumeUpsampler):
     :class:`~qid2_diffusers.baselines.gan.GANUpsampler`) supplies
     :meth:`predict_batch` and ``num_references``.
 
+    After each :meth:`predict`, :attr:`timings` holds the wall seconds of its
+    stages (``prior_fit``, ``prior_predict``, ``batching``, ``sampling``; see
+    :mod:`~qid2_diffusers.timing`).
+
     Args:
         batch_size (`int`, *optional*, defaults to 32): (slice, target) pairs per network call.
         seed (`int`, *optional*, defaults to 0): base seed of stochastic models.
@@ -119,6 +126,7 @@ class SliceUpsampler(VolumeUpsampler):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.progress = progress
+        self.timings: dict[str, float] = {}
 
     @property
     def num_references(self) -> int:
@@ -193,18 +201,21 @@ class SliceUpsampler(VolumeUpsampler):
         bx, by = brain_bounding_box(mask)
         shell_b = np.asarray(bvals, dtype=np.float64)[dw]
         target_b = float(np.median(shell_b))
+        timings = self.timings = {}
         prior = None
         if self.physics_prior:
             # One tensor fit per volume (inside the brain box), the prior of every
             # target; the prediction itself is made slice by slice, when needed.
             b0, _ = split_scheme(bvals, bvecs)
             keep = np.concatenate([b0, dw])
-            prior = TensorPrior(np.asarray(data[bx, by], dtype=np.float32)[..., keep],
-                                np.asarray(bvals, dtype=np.float64)[keep], np.asarray(bvecs, dtype=np.float64)[keep],
-                                mask[bx, by])
+            with timed(timings, "prior_fit"):
+                prior = TensorPrior(np.asarray(data[bx, by], dtype=np.float32)[..., keep],
+                                    np.asarray(bvals, dtype=np.float64)[keep],
+                                    np.asarray(bvecs, dtype=np.float64)[keep], mask[bx, by])
         jobs = [(z, t) for z in brain_slices(mask) for t in range(t_count)]
         bar = tqdm(total=len(jobs), desc="slices x targets", unit="slice", disable=not self.progress)
         loaded_z, slab, prior_slab = None, None, None
+        loop_start = time.perf_counter()
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
             ref_imgs, prior_imgs, b0_imgs = [], [], []
@@ -213,29 +224,34 @@ class SliceUpsampler(VolumeUpsampler):
                     # One read per slice: a lazy NIfTI proxy decodes only this slice.
                     slab = np.asarray(data[bx, by, z, :], dtype=np.float32)[..., dw]
                     if prior is not None:
-                        prior_slab = prior.predict(targets, (slice(None), slice(None), z), bval=target_b)
+                        with timed(timings, "prior_predict"):
+                            prior_slab = prior.predict(targets, (slice(None), slice(None), z), bval=target_b)
                     loaded_z = z
                 ref_imgs.append(np.moveaxis(slab[..., refs[t]], -1, 0))
                 if prior is not None:
                     prior_imgs.append(prior_slab[..., t])
                     b0_imgs.append(prior.mean_b0[:, :, z])
             t_idx = np.array([t for _, t in batch])
-            images, images_std = self.predict_batch(
-                np.stack(ref_imgs),
-                acquired[refs[t_idx]],
-                targets[t_idx],
-                [(int(target_indices[t]), int(z)) for z, t in batch],
+            inputs = dict(
+                reference_images=np.stack(ref_imgs),
+                reference_bvecs=acquired[refs[t_idx]],
+                target_bvecs=targets[t_idx],
+                keys=[(int(target_indices[t]), int(z)) for z, t in batch],
                 prior_images=np.stack(prior_imgs) if prior is not None else None,
                 b0_images=np.stack(b0_imgs) if prior is not None else None,
                 target_bvals=np.full(len(batch), target_b),
                 reference_bvals=shell_b[refs[t_idx]],
             )
+            with timed(timings, "sampling"):
+                images, images_std = self.predict_batch(**inputs)
             for i, (z, t) in enumerate(batch):
                 m = mask[bx, by, z]
                 out[bx, by, z, t] = np.where(m, images[i], 0.0)
                 if return_std and images_std is not None:
                     std[bx, by, z, t] = np.where(m, images_std[i], 0.0)
             bar.update(len(batch))
+        timings["batching"] = (time.perf_counter() - loop_start - timings.get("sampling", 0.0)
+                               - timings.get("prior_predict", 0.0))
         bar.close()
         if axis != 2:
             out = np.moveaxis(out, 2, axis)

@@ -73,6 +73,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--out-dir", metavar="DIR",
                    help="output folder of --cohort (a BIDS derivative for a BIDS dataset, plus "
                         "qid2_cohort_summary.tsv) or of --example (default for --example: the current folder)")
+    g.add_argument("--timings", action="store_true",
+                   help="also print, on one line, the wall seconds of each stage (read, mask, tensor prior, "
+                        "adaptation, sampling, write, ...)")
     t = p.add_argument_group("target directions (at most one; default --n-targets 90)")
     t.add_argument("--targets", metavar="T.bvec",
                    help="FSL bvec file (3 rows, or 3 columns) of directions to synthesise in every shell, "
@@ -186,4 +189,6 @@ def run(args) -> int:
         f"{f', adapted to the scan in {result.adaptation_seconds:.1f} s ({result.adapt_steps} steps)' if result.adapt_steps else ''}"
         f") -> {paths[0]}"
     )
+    if args.timings:
+        print(result.format_timings())
     return 0

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import QID2InputError, QID2InputWarning
 from ..masking import brain_mask
 from ..orientation import Reorientation
+from ..timing import timed
 from .io import DWI, group_shells, shell_label
 
 __all__ = ["WorkingSeries", "read_series"]
@@ -100,7 +101,7 @@ class WorkingSeries:
         return self.orientation.to_working(block)
 
 
-def read_series(dwi: DWI, *, mask=None, extra_volumes: int = 0) -> WorkingSeries:
+def read_series(dwi: DWI, *, mask=None, extra_volumes: int = 0, timings: dict | None = None) -> WorkingSeries:
     """Read ``dwi`` into memory, check it and give it a working orientation.
 
     Each volume is read once, in file order (one pass through a ``.nii.gz``).
@@ -120,11 +121,36 @@ def read_series(dwi: DWI, *, mask=None, extra_volumes: int = 0) -> WorkingSeries
             :func:`~qid2_diffusers.masking.brain_mask` of the mean usable b0.
         extra_volumes (`int`, *optional*, defaults to 0): zero volumes allocated
             after the input ones. Pages never written cost no memory.
+        timings (`dict`, *optional*): receives the seconds of the ``read`` and
+            ``mask`` stages (:mod:`~qid2_diffusers.timing`).
 
     Raises:
         QID2InputError: every b0 volume is empty, or the brain mask is empty.
     """
-    orientation = Reorientation(dwi.affine, dwi.shape, path=dwi.path)
+    with timed(timings, "read"):
+        orientation = Reorientation(dwi.affine, dwi.shape, path=dwi.path)
+        data, usable, missing, b0_sum = _read_volumes(dwi, extra_volumes)
+    n_b0 = int(np.sum(usable & (dwi.bvals <= dwi.b0_threshold)))
+    if n_b0 == 0:
+        raise QID2InputError(dwi.path, "every b0 volume is empty (all zero or NaN): there is no b0 signal to work with")
+    with timed(timings, "mask"):
+        mean_b0 = orientation.to_working((b0_sum / n_b0).astype(np.float32))
+        working_mask = _working_mask(dwi, orientation, mask, mean_b0, orientation.to_working(missing))
+    return WorkingSeries(
+        data=data,
+        bvals=np.asarray(dwi.bvals, dtype=np.float64),
+        fsl_bvecs=np.asarray(dwi.bvecs, dtype=np.float64),
+        bvecs=orientation.bvecs_to_working(dwi.bvecs),
+        orientation=orientation,
+        mask=working_mask,
+        usable=usable,
+        b0_threshold=dwi.b0_threshold,
+        path=dwi.path,
+    )
+
+
+def _read_volumes(dwi: DWI, extra_volumes: int):
+    """``(data, usable, missing, b0_sum)``: every volume read once, in file order, and reported on."""
     n = dwi.n_volumes
     # Fortran order: each volume is one contiguous block, as in the NIfTI file.
     data = np.zeros(dwi.shape[:3] + (n + int(extra_volumes),), dtype=np.float32, order="F")
@@ -148,21 +174,7 @@ def read_series(dwi: DWI, *, mask=None, extra_volumes: int = 0) -> WorkingSeries
         if is_b0[k]:
             b0_sum += vol
     _report(dwi, usable, missing, nonfinite_volumes)
-    n_b0 = int(np.sum(usable & is_b0))
-    if n_b0 == 0:
-        raise QID2InputError(dwi.path, "every b0 volume is empty (all zero or NaN): there is no b0 signal to work with")
-    mean_b0 = orientation.to_working((b0_sum / n_b0).astype(np.float32))
-    return WorkingSeries(
-        data=data,
-        bvals=np.asarray(dwi.bvals, dtype=np.float64),
-        fsl_bvecs=np.asarray(dwi.bvecs, dtype=np.float64),
-        bvecs=orientation.bvecs_to_working(dwi.bvecs),
-        orientation=orientation,
-        mask=_working_mask(dwi, orientation, mask, mean_b0, orientation.to_working(missing)),
-        usable=usable,
-        b0_threshold=dwi.b0_threshold,
-        path=dwi.path,
-    )
+    return data, usable, missing, b0_sum
 
 
 def _report(dwi: DWI, usable, missing, nonfinite_volumes) -> None:
@@ -173,12 +185,12 @@ def _report(dwi: DWI, usable, missing, nonfinite_volumes) -> None:
         warnings.warn(QID2InputWarning(
             dwi.path, f"{which} (b={b}) {'is' if len(empty) == 1 else 'are'} empty (all zero): kept as "
                       f"{'it is' if len(empty) == 1 else 'they are'} in the output, never used as a reference "
-                      f"or in the tensor fit"), stacklevel=3)
+                      f"or in the tensor fit"), stacklevel=4)
     if nonfinite_volumes:
         warnings.warn(QID2InputWarning(
             dwi.path, f"{int(missing.sum())} voxels hold NaN or Inf (in volume"
                       f"{'s' if len(nonfinite_volumes) > 1 else ''} {_index_list(nonfinite_volumes)}): treated as "
-                      f"missing, written as 0 and left out of the brain mask"), stacklevel=3)
+                      f"missing, written as 0 and left out of the brain mask"), stacklevel=4)
 
 
 def _working_mask(dwi: DWI, orientation: Reorientation, mask, mean_b0, missing) -> np.ndarray:

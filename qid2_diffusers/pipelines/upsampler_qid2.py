@@ -28,7 +28,8 @@ class QID2Upsampler(SliceUpsampler):
             copy of the model for this many steps on the scan's own kept
             directions (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`);
             ``pipeline`` itself is never modified. Defaults to the pipeline's
-            ``default_adapt_steps``. The time spent is kept in :attr:`adaptation_seconds`.
+            ``default_adapt_steps``. The time spent is kept in :attr:`adaptation_seconds`
+            and in :attr:`timings` (``adaptation``).
         adapt_settings (`dict`, *optional*): overrides of
             :data:`~qid2_diffusers.pipelines.adaptation.ADAPTATION_DEFAULTS`.
 
@@ -68,9 +69,11 @@ class QID2Upsampler(SliceUpsampler):
             **self.adapt_settings,
         )
         try:
-            return super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
+            out = super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
         finally:
             self._scan_pipeline = None
+        self.timings["adaptation"] = self.adaptation_seconds
+        return out
 
     @property
     def num_references(self) -> int:
