@@ -57,14 +57,18 @@ def real_ratios(results: dict) -> dict:
             for key, value in row.items() if key in labels and value is not None}
 
 
-def decision_table(phantoms: list[tuple[str, dict]], real: dict | None, reference: str = "truth") -> str:
+def decision_table(phantoms: list[tuple[str, dict]], real: dict | list[dict] | None, reference: str = "truth") -> str:
+    """Markdown table, one column per phantom label and real case; runs given the same label
+    (say, the paper model and the new one, benchmarked separately on the same subjects) share a column."""
     columns, cells = [], {}
     for name, results in phantoms:
-        columns.append(f"{name} (vs {reference})")
+        column = f"{name} (vs {reference})"
+        if column not in columns:
+            columns.append(column)
         for label, ratio in phantom_ratios(results, reference).items():
-            cells[(label, columns[-1])] = ratio
-    if real is not None:
-        for (case, label), ratio in real_ratios(real).items():
+            cells[(label, column)] = ratio
+    for results in [real] if isinstance(real, dict) else real or []:
+        for (case, label), ratio in real_ratios(results).items():
             if case not in columns:
                 columns.append(case)
             cells[(label, case)] = ratio
@@ -82,7 +86,7 @@ def decision_table(phantoms: list[tuple[str, dict]], real: dict | None, referenc
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phantoms", nargs="*", default=[], metavar="LABEL=DIR", help="phantom benchmark runs")
-    p.add_argument("--real", metavar="DIR", help="a qid2 benchmark --real run")
+    p.add_argument("--real", nargs="*", default=[], metavar="DIR", help="qid2 benchmark --real runs")
     p.add_argument("--reference", choices=["truth", "acquired"], default="truth",
                    help="what phantom FA errors are measured against (default: truth)")
     p.add_argument("--out", metavar="FILE.md", help="also write the table here")
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
         if not sep:
             p.error(f"expected LABEL=DIR, got {item!r}")
         phantoms.append((label, _load(folder)))
-    table = decision_table(phantoms, _load(args.real) if args.real else None, args.reference)
+    table = decision_table(phantoms, [_load(folder) for folder in args.real], args.reference)
     print(table)
     if args.out:
         from qid2_diffusers.data.io import atomic_write
