@@ -163,6 +163,11 @@ class QID2Trainer(Trainer):
             "prediction_type": args.prediction_type,
             "inference_scheduler": args.inference_scheduler.upper(),
             "num_inference_steps": args.validation_num_inference_steps,
+            "inputs": "noisy target + R reference slices as channels"
+            + (" + the tensor fit's prediction of the target slice (from all acquired directions of its shell) and the "
+               "mean b0 slice; the network models the residual target − prediction" if args.physics_prior else "")
+            + "; cross-attention on R + 1 direction tokens (sign-invariant direction features"
+            + (", with b / 1000 s/mm²)" if args.bval_conditioning else ")"),
         }
 
 
