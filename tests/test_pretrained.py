@@ -57,6 +57,7 @@ def test_shipped_model_loads_offline_and_samples_in_input_units(monkeypatch):
     refs = np.full((3, 12, 12), 400.0, dtype=np.float32)
     dirs = np.array([[1.0, 0.05, 0.0], [1.0, -0.05, 0.02], [1.0, 0.0, -0.05]])
     out = pipe(refs, dirs, [1.0, 0.0, 0.0], prior_images=np.full((12, 12), 400.0), b0_images=np.full((12, 12), 1000.0),
+               target_bvals=1000.0, reference_bvals=1000.0,
                num_inference_steps=10, generator=torch.manual_seed(0))
     assert out.images.shape == (1, 12, 12)
     assert 200 < np.median(out.images) < 600
