@@ -23,14 +23,16 @@ b-value tokens, DDIM, 1 step (speed does not depend on the weights).
 brain and extrapolates to the whole brain, for machines where the whole
 subject takes too long: the read, the write and the rest are measured whole
 (the output's other slices are filled with input volumes first, so the gzip
-write compresses realistic data, not zeros); the mask is median_otsu timed on
-the whole volume; the per-slice stages (prior predictions, batching,
+write compresses realistic data, not zeros); the mask (median_otsu) and the
+prior's tensor fit are timed on the whole volume, apart (a fit's fixed costs
+do not scale with voxels); the per-slice stages (prior predictions, batching,
 sampling) are scaled by slices (and by the brain box's area, should the K
-slices' box be smaller), the tensor fit by brain voxels; adaptation, which
+slices' box be smaller); adaptation, which
 uses at most 16 slices, is kept as measured (exact for K >= 16). The JSON holds both the
 measured and the extrapolated stages.
 
-Printed and written (``--json``): seconds per stage
+Printed and written (``--json``): the warm-up's seconds (the one-off
+compilation, with ``--compile``; not in the total), seconds per stage
 (:data:`~qid2_diffusers.timing.STAGES`), total, (slice, target) pairs per
 second, network passes and GFLOP per pass (FlopCounterMode, for
 ``benchmarks/bench_bound.py --stages``), peak GPU memory and peak resident
@@ -58,7 +60,7 @@ from qid2_diffusers.inference import auto_batch_size, upsample_dwi
 from qid2_diffusers.pipelines import QID2Upsampler
 from qid2_diffusers.schedulers import make_scheduler
 from qid2_diffusers.timing import format_timings
-from qid2_diffusers.upsampling import brain_bounding_box, brain_slices
+from qid2_diffusers.upsampling import brain_bounding_box, brain_slices, fit_prior
 
 #: Stages whose cost grows with the number of brain slices sampled.
 PER_SLICE_STAGES = ("prior_predict", "batching", "sampling")
@@ -142,22 +144,29 @@ def box_pixels(mask) -> int:
     return (bx.stop - bx.start) * (by.stop - by.start)
 
 
-def extrapolate(timings: dict, full_mask, cut_mask, mask_seconds: float) -> tuple[dict, dict]:
+def extrapolate(timings: dict, full_mask, cut_mask, whole_volume: dict) -> tuple[dict, dict]:
     """Whole-brain stages from a run on some slices, and the factors used.
 
     Per-slice stages scale with the slices and with the brain box's area (the
-    box of a few slices can be a little smaller than the whole brain's).
+    box of a few slices can be a little smaller than the whole brain's);
+    ``whole_volume`` holds the stages timed apart on the whole brain (mask, prior fit).
     """
     factors = dict(slices=len(brain_slices(full_mask)) / len(brain_slices(cut_mask)),
-                   pixels=box_pixels(full_mask) / box_pixels(cut_mask),
-                   voxels=float(full_mask.sum()) / float(cut_mask.sum()))
-    whole = dict(timings, mask=mask_seconds)
+                   pixels=box_pixels(full_mask) / box_pixels(cut_mask))
+    whole = dict(timings)
     for stage in PER_SLICE_STAGES:
         if stage in whole:
             whole[stage] *= factors["slices"] * factors["pixels"]
-    if "prior_fit" in whole:
-        whole["prior_fit"] *= factors["voxels"]
+    whole.update({k: v for k, v in whole_volume.items() if k in whole or k == "mask"})
     return whole, factors
+
+
+def prior_fit_seconds(dwi, mask) -> float:
+    """Seconds of the physics prior's tensor fit on the whole brain, as the run makes it."""
+    data = np.asarray(dwi.data[...], dtype=np.float32)  # read before the clock: the run's read stage has it
+    start = time.perf_counter()
+    fit_prior(data, dwi.bvals, dwi.bvecs, mask, brain_bounding_box(mask))
+    return time.perf_counter() - start
 
 
 def main():
@@ -198,7 +207,12 @@ def main():
         crop = (int(bx.stop - bx.start), int(by.stop - by.start))
         volumes_in = dwi.n_volumes
         batch = args.batch_size or auto_batch_size(pipe, full_mask)
+        start = time.perf_counter()
         warm_up(pipe, dwi, full_mask, targets, batch)
+        warm_up_s = time.perf_counter() - start
+        whole_volume = dict(mask=probe["mask"])
+        if cut_mask is not None and pipe.config.get("physics_prior", False):
+            whole_volume["prior_fit"] = prior_fit_seconds(dwi, full_mask)
         del dwi
 
         if device.type == "cuda":
@@ -223,13 +237,13 @@ def main():
         adapt_steps=int(pipe.config.get("default_adapt_steps", 0) if args.adapt_steps is None else args.adapt_steps),
         gflop_per_pass=flop_per_pass(pipe, crop) / 1e9, peak_rss_gib=peak_rss,
         peak_gpu_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        output_finite=output_finite,
+        output_finite=output_finite, warm_up_s=warm_up_s,
     )
     pairs = row["brain_slices"] * row["targets"]
     row["network_passes"] = pairs * row["steps"]
     if cut_mask is not None:
         row["measured"] = dict(slices=measured_slices, timings=timings)
-        timings, row["extrapolation_factors"] = extrapolate(timings, full_mask, cut_mask, probe["mask"])
+        timings, row["extrapolation_factors"] = extrapolate(timings, full_mask, cut_mask, whole_volume)
     row["timings"] = timings
     row["total_s"] = sum(timings.values())
     row["pairs_per_s"] = pairs / row["total_s"]

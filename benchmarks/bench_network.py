@@ -42,7 +42,7 @@ def one_pass(pipe, batch, size, device, dtype, channels_last=False, unet=None):
                  reference_bvals=torch.full((batch, r), 1000.0, device=device))
     tokens = pipe.direction_encoder(torch.randn(batch, 3, generator=generator).to(device),
                                     torch.randn(batch, r, 3, generator=generator).to(device), **bvals).to(dtype)
-    unet = unet or pipe.unet
+    unet = unet if unet is not None else pipe.unet
     return lambda: unet(x, t, encoder_hidden_states=tokens).sample
 
 

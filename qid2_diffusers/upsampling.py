@@ -22,7 +22,7 @@ from .gradients import as_bvals_bvecs, is_gradient_table, split_scheme, target_d
 from .tensor import TensorPrior
 from .timing import timed
 
-__all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "sample_seed"]
+__all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "fit_prior", "sample_seed"]
 
 
 class VolumeUpsampler:
@@ -101,6 +101,16 @@ def sample_seed(seed: int, target_index: int, slice_index: int, sample_index: in
     """Seed of one (target, slice, sample): independent of batching and of how
     targets are split across processes, so any split gives the same volume."""
     return int(np.random.SeedSequence([seed, target_index, slice_index, sample_index]).generate_state(1)[0])
+
+
+def fit_prior(data, bvals, bvecs, mask, box) -> TensorPrior:
+    """The physics prior of a volume: one tensor fit of its b0s and diffusion-weighted
+    volumes inside ``box`` (the brain's bounding box ``(bx, by)``), voxels in ``mask``."""
+    bx, by = box
+    b0, dw = split_scheme(bvals, bvecs)
+    keep = np.concatenate([b0, dw])
+    return TensorPrior(np.asarray(data[bx, by], dtype=np.float32)[..., keep], np.asarray(bvals, dtype=np.float64)[keep],
+                       np.asarray(bvecs, dtype=np.float64)[keep], np.asarray(mask, dtype=bool)[bx, by])
 
 
 class SliceUpsampler(VolumeUpsampler):
@@ -206,12 +216,8 @@ class SliceUpsampler(VolumeUpsampler):
         if self.physics_prior:
             # One tensor fit per volume (inside the brain box), the prior of every
             # target; the prediction itself is made slice by slice, when needed.
-            b0, _ = split_scheme(bvals, bvecs)
-            keep = np.concatenate([b0, dw])
             with timed(timings, "prior_fit"):
-                prior = TensorPrior(np.asarray(data[bx, by], dtype=np.float32)[..., keep],
-                                    np.asarray(bvals, dtype=np.float64)[keep],
-                                    np.asarray(bvecs, dtype=np.float64)[keep], mask[bx, by])
+                prior = fit_prior(data, bvals, bvecs, mask, (bx, by))
         jobs = [(z, t) for z in brain_slices(mask) for t in range(t_count)]
         bar = tqdm(total=len(jobs), desc="slices x targets", unit="slice", disable=not self.progress)
         loaded_z, slab, prior_slab = None, None, None

@@ -110,14 +110,15 @@ def test_hcp_grid_script_reports_every_stage_and_extrapolates(one_step_prior_mod
     assert set(row["timings"]) == set(STAGES) and set(row["measured"]["timings"]) == set(STAGES)
     assert all(v >= 0 for v in row["timings"].values()) and row["timings"]["sampling"] > 0
     assert (row["volumes_in"], row["volumes_out"], row["targets"], row["steps"], row["adapt_steps"]) == (48, 108, 60, 1, 1)
-    assert row["device"].startswith("cpu") and row["peak_gpu_mem_gib"] is None and row["output_finite"]
+    assert row["device"].startswith("cpu") and row["peak_gpu_mem_gib"] is None and row["output_finite"] and row["warm_up_s"] > 0
     assert row["measured"]["slices"] == 2 and row["brain_slices"] > 2
     assert row["network_passes"] == row["brain_slices"] * 60 and row["gflop_per_pass"] > 0
     factors, measured = row["extrapolation_factors"], row["measured"]["timings"]
     assert factors["slices"] == pytest.approx(row["brain_slices"] / 2) and factors["pixels"] >= 1
     for stage in ("sampling", "batching", "prior_predict"):
         assert row["timings"][stage] == pytest.approx(measured[stage] * factors["slices"] * factors["pixels"])
-    assert row["timings"]["prior_fit"] == pytest.approx(measured["prior_fit"] * factors["voxels"])
+    # The prior's tensor fit is timed apart on the whole brain: its fixed costs do not scale with voxels.
+    assert row["timings"]["prior_fit"] > 0 and set(factors) == {"slices", "pixels"}
     for stage in ("read", "write", "adaptation", "other"):
         assert row["timings"][stage] == measured[stage]
     assert row["total_s"] == pytest.approx(sum(row["timings"].values()))

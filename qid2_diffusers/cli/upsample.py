@@ -39,7 +39,8 @@ def add_model_arguments(p) -> None:
     g.add_argument("--dtype", default="fp32", metavar="DTYPE", help="fp32, fp16 or bf16 (default: fp32)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="base seed; same seed, same output (default: 0)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the network: a first-call cost that pays off on a GPU over a whole subject")
+                   help="torch.compile the network: about a minute once, then 1.3x faster per pass on a CPU "
+                        "(BENCHMARK.md, Speed); pays off over a whole subject")
 
 
 def add_parser(subparsers) -> None:
