@@ -288,3 +288,21 @@ def test_benchmark_rejects_bad_options(phantom_data, tmp_path, capsys):
     _one_line_error(capsys, main(argv + ["--methods", "interp", "--subjects", "2"]), "1 subjects found")
     _one_line_error(capsys, main(argv + ["--methods", "interp", "--subject-ids", "phantom-9"]), "phantom-9 not found")
     assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_scores_a_lower_precision_network(phantom_data, tmp_path, tiny_model_dir, capsys):
+    """--dtype runs QID²'s network in bf16 (what CPU speed-ups would cost in accuracy); the command records it."""
+    argv = ["benchmark", "--data", str(phantom_data), "--methods", "qid2", "--R", "3", "--model", str(tiny_model_dir),
+            "--scheduler", "ddim", "--steps", "1", "--subjects", "1", "--n-acquired", "80", "--no-progress"]
+    fa = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(argv + ["--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        results = json.loads((tmp_path / dtype / "results.json").read_text())
+        assert ("--dtype bf16" in results["command"]) == (dtype == "bf16")
+        fa[dtype] = results["per_subject"]["phantom-000"]["qid2-r3"]["acquired"]["fa_mae"]
+    # Same seed and noise: bf16 rounding moves the FA error a little, not a lot.
+    assert np.isfinite(fa["bf16"]) and fa["bf16"] != fa["fp32"]
+    assert fa["bf16"] == pytest.approx(fa["fp32"], rel=0.2)
+    capsys.readouterr()
+    _one_line_error(capsys, main(argv + ["--dtype", "fp8", "--out", str(tmp_path / "o")]), "unknown dtype 'fp8'")
+    assert not (tmp_path / "o").exists()

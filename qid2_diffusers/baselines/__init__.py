@@ -70,6 +70,7 @@ def make_upsampler(
     batch_size: int = 32,
     seed: int = 0,
     device=None,
+    dtype: str = "fp32",
     progress: bool = True,
 ):
     """Build an up-sampler by method name.
@@ -91,6 +92,7 @@ def make_upsampler(
         seed (`int`, *optional*, defaults to 0): sampling seed.
         device (`str` or `torch.device`, *optional*): see
             :func:`~qid2_diffusers.hub.select_device`; defaults to the best available.
+        dtype (`str`, *optional*, defaults to `"fp32"`): QID²'s network precision, ``fp32``, ``fp16`` or ``bf16``.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
 
     Raises:
@@ -107,12 +109,12 @@ def make_upsampler(
         return SHUpsampler(int(name[2:]))
     if name == "qid2":
         return _make_qid2(model_path, num_references, scheduler, num_inference_steps, num_samples, adapt_steps,
-                          batch_size, seed, device, progress)
+                          batch_size, seed, device, dtype, progress)
     return _make_gan(name, model_path, num_references, batch_size, device, progress)
 
 
 def _make_qid2(model_path, num_references, scheduler, steps, num_samples, adapt_steps, batch_size, seed, device,
-               progress):
+               dtype, progress):
     from ..hub import load_pipeline, model_num_references
     from ..pipelines import QID2Upsampler
 
@@ -128,7 +130,7 @@ def _make_qid2(model_path, num_references, scheduler, steps, num_samples, adapt_
         raise MissingWeightsError(f"{path}: not a QID² pipeline folder (no model_index.json)")
     if model_num_references(path) != num_references:
         raise ValueError(f"{path}: this QID² model takes R = {model_num_references(path)}, not R = {num_references}")
-    pipe = load_pipeline(path, scheduler=scheduler, device=device)
+    pipe = load_pipeline(path, scheduler=scheduler, device=device, dtype=dtype)
     upsampler = QID2Upsampler(pipe, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size,
                               seed=seed, progress=progress, adapt_steps=adapt_steps)
     upsampler.name = f"qid2-r{num_references}"
