@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from .data.io import atomic_write, remove_temporaries
 from .data.layouts import SubjectPaths, discover_subjects, read_subject_list
 from .errors import QID2InputError, QID2InputWarning
+from .denoise import DEFAULT_DENOISE
+from .pipelines.upsampler_qid2 import DEFAULT_RESIDUAL_WEIGHT
 from .inference import check_writable, upsample_dwi
 
 __all__ = [
@@ -302,6 +304,8 @@ def run_settings(pipeline, target_bvecs=None, **options) -> dict:
         "steps": options.get("num_inference_steps") or pipeline.config.default_num_inference_steps,
         "adapt_steps": (options["adapt_steps"] if options.get("adapt_steps") is not None
                         else pipeline.config.default_adapt_steps),
+        "denoise": options.get("denoise") or DEFAULT_DENOISE,
+        "residual_weight": options.get("residual_weight") or DEFAULT_RESIDUAL_WEIGHT,
         "num_samples": options.get("num_samples", 1),
         "seed": options.get("seed", 0),
         "dtype": str(pipeline.dtype).removeprefix("torch."),
@@ -442,7 +446,7 @@ def upsample_cohort(cohort: Cohort, pipeline, target_bvecs=None, *, state=None, 
         command (`str`, *optional*): the command line, recorded in the BIDS description.
         options: :func:`~qid2_diffusers.inference.upsample_dwi`'s options
             (``shells``, ``n_targets``, ``scheme``, ``num_inference_steps``,
-            ``num_samples``, ``adapt_steps``, ``batch_size``, ``seed``), the same for every subject.
+            ``num_samples``, ``adapt_steps``, ``denoise``, ``residual_weight``, ``batch_size``, ``seed``), the same for every subject.
 
     Raises:
         QID2InputError: the output folder holds subjects finished with other settings (:func:`run_settings`).

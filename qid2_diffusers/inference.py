@@ -89,6 +89,10 @@ class UpsampleResult:
         adaptation_seconds (`float`, *optional*, defaults to 0): wall time they took, every shell together.
         timings (`dict`, *optional*): wall seconds per stage (:data:`~qid2_diffusers.timing.STAGES`),
             every shell together; :meth:`save` adds ``write``. Their sum is the run's wall time.
+        denoise_note (`str`, *optional*): what the denoising stage did to the input volumes
+            (:attr:`~qid2_diffusers.denoise.DenoisePlan.note`), one line.
+        residual_weights (`dict`, *optional*): shell b-value -> weight of the network's residual over the
+            tensor prior that was used (physics-prior models; see ``residual_weight``).
     """
 
     data: np.ndarray
@@ -100,6 +104,8 @@ class UpsampleResult:
     adapt_steps: int = 0
     adaptation_seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    denoise_note: str = "not denoised (--denoise none)"
+    residual_weights: dict = field(default_factory=dict)
 
     @property
     def n_targets(self) -> int:
@@ -128,6 +134,15 @@ class UpsampleResult:
                     path.unlink(missing_ok=True)
                 raise
         return written
+
+    def method_note(self) -> str:
+        """One line: what was done to the input volumes and how much of the network's residual over the
+        tensor prior was kept, per shell (0: the tensor fit's prediction; 1: the network as trained)."""
+        note = f"input {self.denoise_note}"
+        if self.residual_weights:
+            kept = ", ".join(f"{w:.2f} at b={b:g}" for b, w in self.residual_weights.items())
+            note += f"; network residual over the tensor prior kept {kept}"
+        return note
 
     def format_timings(self) -> str:
         """:attr:`timings` as one line (:func:`~qid2_diffusers.timing.format_timings`)."""
@@ -378,6 +393,8 @@ def upsample_dwi(
     num_inference_steps: int | None = None,
     num_samples: int = 1,
     adapt_steps: int | None = None,
+    denoise: str | None = None,
+    residual_weight=None,
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -409,6 +426,16 @@ def upsample_dwi(
             the scan's own directions (:func:`~qid2_diffusers.pipelines.adaptation.adapt_pipeline`);
             defaults to the model's ``default_adapt_steps``. The time spent is
             in the result's ``adaptation_seconds``.
+        denoise (`str`, *optional*): denoise the input volumes first, b0s and every shell together
+            (:func:`~qid2_diffusers.denoise.denoise_series`): ``"mppca"``, ``"patch2self"`` or ``"none"``;
+            defaults to :data:`~qid2_diffusers.denoise.DEFAULT_DENOISE`. The output's input volumes are
+            then the denoised ones, and the tensor prior and the references are taken from them. Where
+            the requested method cannot work on this grid, the plan says what was done instead, in one
+            warning line.
+        residual_weight (`str` or `float`, *optional*): for a physics-prior model, ``"auto"`` (each shell's
+            weight of the network's residual chosen on its own kept directions,
+            :func:`~qid2_diffusers.pipelines.adaptation.residual_weight`) or a number in [0, 1];
+            defaults to :data:`~qid2_diffusers.pipelines.upsampler_qid2.DEFAULT_RESIDUAL_WEIGHT`.
         batch_size (`int`, *optional*): (slice, target) pairs per network call;
             defaults to :func:`auto_batch_size`. Results depend on it only by float rounding.
         seed (`int`, *optional*, defaults to 0): base seed (see :func:`shell_seed`).
@@ -441,6 +468,7 @@ def upsample_dwi(
         fsl_targets = normalize_bvecs(target_directions(target_bvecs))
     extra = _max_new_volumes(dwi, shells, fsl_targets, n_targets, scheme) if main else 0
     series = read_series(dwi, mask=mask, extra_volumes=extra, timings=timings)
+    denoise_note = _denoise(series, denoise, timings)
     targets = None if fsl_targets is None else series.orientation.bvecs_to_working(fsl_targets)
     plans = plan_shells(series, targets, shells=shells, n_targets=n_targets, scheme=scheme,
                         num_references=pipeline.num_references)
@@ -453,9 +481,9 @@ def upsample_dwi(
     out = series.data[..., : n_in + (n_new if main else 0)]
     std = np.zeros(dwi.shape[:3] + (n_new,), dtype=np.float32, order="F") if num_samples > 1 and main else None
     batch_size = batch_size or auto_batch_size(pipeline, series.mask, num_samples)
-    start, adaptation_seconds = n_in, 0.0
+    start, adaptation_seconds, weights = n_in, 0.0, {}
     for plan in plans:
-        upsampler = _upsampler(pipeline, num_inference_steps, num_samples, adapt_steps, batch_size,
+        upsampler = _upsampler(pipeline, num_inference_steps, num_samples, adapt_steps, residual_weight, batch_size,
                                shell_seed(seed, plan.label, len(series.shells)), progress and main)
         tail = slice(start, start + len(plan.targets))
         _upsample_shell(series, plan, upsampler, out[..., tail] if main else None,
@@ -463,6 +491,8 @@ def upsample_dwi(
                         num_samples > 1, state)
         start = tail.stop
         adaptation_seconds += upsampler.adaptation_seconds
+        if pipeline.physics_prior:
+            weights[plan.bval] = upsampler.applied_residual_weight
         add_timings(timings, upsampler.timings)
     if not main:
         return None
@@ -478,14 +508,31 @@ def upsample_dwi(
         adapt_steps=upsampler.adapt_steps if plans else 0,
         adaptation_seconds=adaptation_seconds,
         timings={**timings, "other": time.perf_counter() - start_time - sum(timings.values())},
+        denoise_note=denoise_note,
+        residual_weights=weights,
     )
 
 
-def _upsampler(pipeline, steps, num_samples, adapt_steps, batch_size, seed, progress):
+def _denoise(series, method, timings) -> str:
+    """Denoise the series' input volumes in place (working orientation, so patches lie in axial slices)."""
+    from .denoise import DEFAULT_DENOISE, denoise_series
+
+    method = DEFAULT_DENOISE if method is None else method
+    with timed(timings, "denoise"):
+        working = series.orientation.to_working(series.data[..., : series.n_volumes])
+        what = Path(series.path).name if series.path else "the series"
+        plan = denoise_series(working, series.bvals, method, mask=series.mask, usable=series.usable,
+                              b0_threshold=series.b0_threshold, what=what, out=working).plan
+    if plan.fell_back:
+        warnings.warn(QID2InputWarning(series.path, plan.note), stacklevel=3)
+    return plan.note
+
+
+def _upsampler(pipeline, steps, num_samples, adapt_steps, residual_weight, batch_size, seed, progress):
     from .pipelines import QID2Upsampler
 
     return QID2Upsampler(pipeline, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size,
-                         seed=seed, progress=progress, adapt_steps=adapt_steps)
+                         seed=seed, progress=progress, adapt_steps=adapt_steps, residual_weight=residual_weight)
 
 
 def _upsample_shell(series, plan: ShellPlan, upsampler, into, std_into, want_std: bool, state) -> None:

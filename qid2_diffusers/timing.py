@@ -17,13 +17,14 @@ __all__ = ["STAGES", "timed", "add_timings", "format_timings"]
 
 #: The stages, in the order a run goes through them.
 #: ``read``: the input series into memory; ``mask``: the brain mask (computed or
-#: given); ``prior_fit``: the tensor fit of the physics prior, once per shell;
+#: given); ``denoise``: MP-PCA or Patch2Self on the input volumes; ``prior_fit``: the tensor fit of the physics prior, once per shell;
 #: ``prior_predict``: its per-slice predictions at the targets; ``adaptation``:
 #: test-time adaptation; ``batching``: gathering each batch's slices and storing
 #: its results; ``sampling``: the pipeline calls (the network and its pre- and
 #: post-processing); ``write``: the output files; ``other``: the rest (planning,
 #: allocation, orientation).
-STAGES = ("read", "mask", "prior_fit", "prior_predict", "adaptation", "batching", "sampling", "write", "other")
+STAGES = ("read", "mask", "denoise", "prior_fit", "prior_predict", "adaptation", "batching", "sampling", "write",
+          "other")
 
 
 @contextmanager

@@ -137,6 +137,9 @@ class SliceUpsampler(VolumeUpsampler):
         self.seed = int(seed)
         self.progress = progress
         self.timings: dict[str, float] = {}
+        #: Weight of the network's residual over the physics prior in what is returned
+        #: (``prior + w * (output - prior)``); 1 is the network's output as it is.
+        self.applied_residual_weight = 1.0
 
     @property
     def num_references(self) -> int:
@@ -250,6 +253,11 @@ class SliceUpsampler(VolumeUpsampler):
             )
             with timed(timings, "sampling"):
                 images, images_std = self.predict_batch(**inputs)
+            w = self.applied_residual_weight
+            if prior is not None and w != 1.0:
+                prior_batch = inputs["prior_images"]
+                images = prior_batch + np.float32(w) * (images - prior_batch)
+                images_std = None if images_std is None else np.float32(w) * images_std
             for i, (z, t) in enumerate(batch):
                 m = mask[bx, by, z]
                 out[bx, by, z, t] = np.where(m, images[i], 0.0)

@@ -21,7 +21,9 @@ __all__ = [
     "interpolation_weights",
     "sh_resampling_matrix",
     "METHODS",
+    "DENOISED_METHODS",
     "MissingWeightsError",
+    "split_method",
     "make_upsampler",
     "method_label",
     "uses_references",
@@ -29,6 +31,29 @@ __all__ = [
 
 #: Method names accepted by :func:`make_upsampler`, in the order tables list them.
 METHODS = ("qid2", "cgan", "qgan", "interp", "dti", "sh2", "sh4", "sh6")
+
+#: Denoise-then-predict methods (``DENOISER+METHOD``, any denoiser of
+#: :data:`~qid2_diffusers.denoise.DENOISERS` and any of :data:`METHODS`): the
+#: b0s and kept directions are denoised first and the method predicts from them,
+#: as a practitioner runs ``dwidenoise`` before fitting. These are the ones
+#: listed by default on real scans.
+DENOISED_METHODS = ("mppca+dti", "mppca+sh2", "mppca+sh4", "patch2self+dti")
+
+_DENOISER_LABELS = {"mppca": "MP-PCA", "patch2self": "Patch2Self"}
+
+
+def split_method(name: str) -> tuple[str | None, str]:
+    """``"mppca+dti"`` -> ``("mppca", "dti")``; a plain method -> ``(None, name)``.
+
+    Raises:
+        ValueError: an unknown denoiser or method.
+    """
+    denoiser, plus, base = name.rpartition("+")
+    if base not in METHODS or plus and denoiser not in _DENOISER_LABELS:
+        known = ", ".join(METHODS)
+        raise ValueError(f"unknown method {name!r}; choose from {known}, each optionally prefixed by "
+                         f"{' or '.join(d + '+' for d in _DENOISER_LABELS)}")
+    return (denoiser or None), base
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -41,7 +66,11 @@ def uses_references(name: str) -> bool:
 
 
 def method_label(name: str, num_references: int | None = None) -> str:
-    """Display name for tables and figures, e.g. ``"QID² (R=3)"`` or ``"SH (order 4)"``."""
+    """Display name for tables and figures, e.g. ``"QID² (R=3)"``, ``"SH (order 4)"`` or
+    ``"MP-PCA + DTI-predict"``."""
+    denoiser, name = split_method(name)
+    if denoiser is not None:
+        return f"{_DENOISER_LABELS[denoiser]} + {method_label(name, num_references)}"
     base = {"qid2": "QID²", "cgan": "cGAN", "qgan": "qGAN", "interp": "Interp", "dti": "DTI-predict"}
     if name.startswith("sh"):
         return f"SH (order {name[2:]})"
@@ -67,6 +96,7 @@ def make_upsampler(
     num_inference_steps: int | None = None,
     num_samples: int = 1,
     adapt_steps: int | None = None,
+    residual_weight=None,
     batch_size: int = 32,
     seed: int = 0,
     device=None,
@@ -88,6 +118,8 @@ def make_upsampler(
         num_inference_steps (`int`, *optional*): QID² sampling steps.
         num_samples (`int`, *optional*, defaults to 1): QID² samples averaged per target.
         adapt_steps (`int`, *optional*): QID² test-time adaptation steps on each scan; defaults to the model's.
+        residual_weight (`str` or `float`, *optional*): QID²'s weight of its residual over the tensor prior
+            (``"auto"`` or a number in [0, 1]; :class:`~qid2_diffusers.pipelines.QID2Upsampler`).
         batch_size (`int`, *optional*, defaults to 32): slices per network call (learned methods).
         seed (`int`, *optional*, defaults to 0): sampling seed.
         device (`str` or `torch.device`, *optional*): see
@@ -109,12 +141,12 @@ def make_upsampler(
         return SHUpsampler(int(name[2:]))
     if name == "qid2":
         return _make_qid2(model_path, num_references, scheduler, num_inference_steps, num_samples, adapt_steps,
-                          batch_size, seed, device, dtype, progress)
+                          residual_weight, batch_size, seed, device, dtype, progress)
     return _make_gan(name, model_path, num_references, batch_size, device, progress)
 
 
-def _make_qid2(model_path, num_references, scheduler, steps, num_samples, adapt_steps, batch_size, seed, device,
-               dtype, progress):
+def _make_qid2(model_path, num_references, scheduler, steps, num_samples, adapt_steps, residual_weight, batch_size,
+               seed, device, dtype, progress):
     from ..hub import load_pipeline, model_num_references
     from ..pipelines import QID2Upsampler
 
@@ -132,7 +164,7 @@ def _make_qid2(model_path, num_references, scheduler, steps, num_samples, adapt_
         raise ValueError(f"{path}: this QID² model takes R = {model_num_references(path)}, not R = {num_references}")
     pipe = load_pipeline(path, scheduler=scheduler, device=device, dtype=dtype)
     upsampler = QID2Upsampler(pipe, num_inference_steps=steps, num_samples=num_samples, batch_size=batch_size,
-                              seed=seed, progress=progress, adapt_steps=adapt_steps)
+                              seed=seed, progress=progress, adapt_steps=adapt_steps, residual_weight=residual_weight)
     upsampler.name = f"qid2-r{num_references}"
     return upsampler
 

@@ -36,7 +36,7 @@ def _labelled_paths(text: str) -> list[tuple[str, str]]:
 
 
 def add_parser(subparsers):
-    from ..baselines import METHODS
+    from ..baselines import DENOISED_METHODS, METHODS
     from ..data.real import default_real_data_dir
     from ..evaluation.benchmark import PHANTOM_METHODS
     from ..schedulers import SCHEDULERS
@@ -74,8 +74,9 @@ def add_parser(subparsers):
     p.add_argument(
         "--methods",
         type=_names,
-        help=f"comma-separated methods from {', '.join(METHODS)} (default: {','.join(PHANTOM_METHODS)} with "
-        "--data, all of them with --real, where dti is always added)",
+        help=f"comma-separated methods from {', '.join(METHODS)}, each optionally prefixed by a denoiser "
+        f"(mppca+dti: MP-PCA on the b0s and kept directions, then the method) (default: {','.join(PHANTOM_METHODS)} "
+        f"with --data; all of them and {','.join(DENOISED_METHODS)} with --real, where dti is always added)",
     )
     p.add_argument(
         "--R",
@@ -110,6 +111,21 @@ def add_parser(subparsers):
         metavar="N,N,...",
         help="QID² test-time adaptation steps on each scan's own kept directions; several values give one row "
         "each, e.g. 0,150 (default: the model's default_adapt_steps)",
+    )
+    p.add_argument(
+        "--denoise",
+        type=_names,
+        metavar="NAME,...",
+        help="run every method once per denoiser (none, mppca, patch2self), each a row of its own, e.g. none,mppca "
+        "(default: as the methods are named)",
+    )
+    p.add_argument(
+        "--residual-weight",
+        type=_names,
+        dest="residual_weights",
+        metavar="W,...",
+        help="QID²'s weight of its residual over the tensor prior: auto (chosen on each scan's own kept "
+        "directions) or numbers in [0, 1]; several give one row each, e.g. auto,1 (default: auto)",
     )
     held = p.add_mutually_exclusive_group()
     held.add_argument(
@@ -187,6 +203,8 @@ def run(args) -> int:
         qgan=args.qgan,
         qid2_models=args.qid2_models,
         adapt_steps=args.adapt_steps,
+        denoise=args.denoise,
+        residual_weights=args.residual_weights,
         subjects=args.subjects,
         subject_ids=args.subject_ids,
         shell=args.shell,

@@ -11,8 +11,10 @@ import shlex
 import time
 import warnings
 
+from ..denoise import DEFAULT_DENOISE, DENOISERS
 from ..errors import QID2InputError, QID2InputWarning
 from ..inference import CPU_BATCH_PIXELS, DEVICE_BATCH_SIZE
+from ..pipelines.upsampler_qid2 import check_residual_weight
 
 __all__ = ["add_model_arguments", "add_parser", "run"]
 
@@ -32,6 +34,14 @@ def add_model_arguments(p) -> None:
                    help="before sampling, fine-tune a copy of the model for N steps on this scan's own directions "
                         "(each left out and predicted from the others); 0 turns it off (default: the model's "
                         "default_adapt_steps)")
+    g.add_argument("--denoise", choices=DENOISERS, default=None,
+                   help="denoise the input volumes first, b0s and every shell together: mppca (dipy's MP-PCA, "
+                        "as MRtrix3 dwidenoise), patch2self, or none for a scan that arrives denoised; the output's "
+                        f"input volumes are then the denoised ones (default: {DEFAULT_DENOISE})")
+    g.add_argument("--residual-weight", default=None, metavar="auto|W",
+                   help="how much of the network's correction to the tensor fit to keep: auto chooses it per shell "
+                        "by predicting the scan's own kept directions from the others, a number in [0, 1] fixes it "
+                        "(1: the network as trained, 0: the tensor fit) (default: auto)")
     g.add_argument("--batch-size", type=int, metavar="B",
                    help=f"(slice, target) pairs per network call (default: {DEVICE_BATCH_SIZE} on a GPU; on the CPU "
                         f"as many as fit {CPU_BATCH_PIXELS} pixels)")
@@ -103,6 +113,8 @@ def _run_example(args) -> int:
         steps=args.steps,
         num_samples=args.num_samples,
         adapt_steps=args.adapt_steps,
+        denoise=args.denoise,
+        residual_weight=args.residual_weight,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
@@ -131,7 +143,8 @@ def _run_cohort(args) -> int:
     report = upsample_cohort(cohort, pipe, targets, state=state, command=shlex.join(["qid2", *args.argv]),
                              shells=args.shells, n_targets=args.n_targets, scheme=args.scheme,
                              num_inference_steps=args.steps, num_samples=args.num_samples,
-                             adapt_steps=args.adapt_steps, batch_size=args.batch_size, seed=args.seed)
+                             adapt_steps=args.adapt_steps, denoise=args.denoise,
+                             residual_weight=args.residual_weight, batch_size=args.batch_size, seed=args.seed)
     if state is None or state.is_main_process:
         processes = f"{report.num_processes} process{'es' if report.num_processes > 1 else ''}"
         print(f"qid2 upsample: {len(report.outcomes)} subjects on {processes}: {report.count('done')} done, "
@@ -153,6 +166,10 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < smallest:
             raise QID2InputError(None, f"--{name.replace('_', '-')} must be at least {smallest}, got {value}")
+    try:
+        check_residual_weight(args.residual_weight)
+    except ValueError as exc:
+        raise QID2InputError(None, f"--residual-weight: {exc}") from None
     if args.example:
         return _run_example(args)
     if args.cohort is not None:
@@ -173,7 +190,8 @@ def run(args) -> int:
     start = time.perf_counter()
     result = upsample_dwi(dwi, targets, pipe, shells=args.shells, n_targets=args.n_targets, scheme=args.scheme,
                           num_inference_steps=args.steps, num_samples=args.num_samples, adapt_steps=args.adapt_steps,
-                          batch_size=args.batch_size, seed=args.seed, state=state)
+                          denoise=args.denoise, residual_weight=args.residual_weight, batch_size=args.batch_size,
+                          seed=args.seed, state=state)
     if result is None:
         return 0
     paths = result.save(prefix, dwi.affine, dwi.header)
@@ -190,6 +208,7 @@ def run(args) -> int:
         f"{f', adapted to the scan in {result.adaptation_seconds:.1f} s ({result.adapt_steps} steps)' if result.adapt_steps else ''}"
         f") -> {paths[0]}"
     )
+    print(f"qid2 upsample: {result.method_note()}")
     if args.timings:
         print(result.format_timings())
     return 0

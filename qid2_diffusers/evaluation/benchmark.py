@@ -29,7 +29,15 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..baselines import METHODS, MissingWeightsError, make_upsampler, method_label, uses_references
+from ..baselines import (
+    DENOISED_METHODS,
+    METHODS,
+    MissingWeightsError,
+    make_upsampler,
+    method_label,
+    split_method,
+    uses_references,
+)
 from ..data.io import save_dwi
 from ..data.layouts import discover_subjects
 from ..directions import nearest_references
@@ -39,13 +47,14 @@ from .cases import CaseSource, phantom_case, real_benchmark_case
 from .fid import FID_UNAVAILABLE, frechet_distance, inception_features, load_inception
 from .metrics import HIGH_B, MAX_CSD_VOXELS, fa_error_per_slice
 from .protocol import SubjectEvaluation
-from .ratios import BASELINE, ratio_section
+from .ratios import BASELINE, ratio_section, reference_ratios
 from .report import (
     case_table,
     fa_figure,
     per_slice_table,
     pooled_table,
     ratio_figure,
+    ratio_matrix_table,
     results_table,
     save_figure,
     slice_grid_figure,
@@ -94,9 +103,17 @@ class BenchmarkConfig:
             (:func:`~qid2_diffusers.data.real.default_real_data_dir`); each case
             keeps :func:`~qid2_diffusers.data.real.kept_count` of its shell's directions.
         cases (`Sequence[str]`, *optional*): with ``real``, only these cases (e.g. ``mdt-b1000``).
-        methods (`Sequence[str]`, *optional*): names from :data:`~qid2_diffusers.baselines.METHODS`; defaults
-            to :data:`PHANTOM_METHODS` with ``data`` and to every method with ``real``, where DTI-predict,
+        methods (`Sequence[str]`, *optional*): names from :data:`~qid2_diffusers.baselines.METHODS`, each
+            optionally prefixed by a denoiser (``mppca+dti``: :func:`~qid2_diffusers.baselines.split_method`);
+            defaults to :data:`PHANTOM_METHODS` with ``data`` and to every method and
+            :data:`~qid2_diffusers.baselines.DENOISED_METHODS` with ``real``, where DTI-predict,
             the denominator of the FA-error ratio, is always added.
+        denoise (`Sequence[str]`, *optional*): run every method once per denoiser of
+            :data:`~qid2_diffusers.denoise.DENOISERS` (``none``: as given), each a row of its own: the b0s
+            and kept directions are denoised first and the scored series holds the denoised kept volumes.
+        residual_weights (`Sequence`, *optional*): QID²'s weight of its residual over the tensor prior
+            (``auto`` or numbers in [0, 1]), each value a row of its own; defaults to
+            :data:`~qid2_diffusers.pipelines.upsampler_qid2.DEFAULT_RESIDUAL_WEIGHT`.
         num_references (`Sequence[int]`, *optional*, defaults to `(3,)`): R of QID², the GANs and Interp (``--R``).
         scheduler (`str`, *optional*): QID² sampler; defaults to the one saved with the model.
         steps (`int`, *optional*): QID² sampling steps; defaults to the model's.
@@ -136,6 +153,8 @@ class BenchmarkConfig:
     qgan: Sequence | None = None
     qid2_models: Sequence[tuple[str, str]] | None = None
     adapt_steps: Sequence[int] | None = None
+    denoise: Sequence[str] | None = None
+    residual_weights: Sequence | None = None
     subjects: int = 3
     subject_ids: Sequence[str] | None = None
     shell: float = 1000
@@ -159,7 +178,7 @@ class BenchmarkConfig:
             raise QID2InputError(None, "no output folder given (--out)")
         if self.cases and self.real is None:
             raise QID2InputError(None, "--cases selects real scans; it needs --real")
-        methods = tuple(self.methods or (METHODS if self.is_real else PHANTOM_METHODS))
+        methods = tuple(self.methods or (METHODS + DENOISED_METHODS if self.is_real else PHANTOM_METHODS))
         # The ratio every real-scan row is judged by needs the tensor fit on the same kept directions.
         self.methods = methods + (BASELINE,) if self.is_real and BASELINE not in methods else methods
 
@@ -185,6 +204,10 @@ class BenchmarkConfig:
             parts += ["--qid2-models", ",".join(f"{label}={path}" for label, path in self.qid2_models)]
         if self.adapt_steps is not None:
             parts += ["--adapt-steps", ",".join(map(str, self.adapt_steps))]
+        if self.denoise:
+            parts += ["--denoise", ",".join(self.denoise)]
+        if self.residual_weights:
+            parts += ["--residual-weight", ",".join(map(str, self.residual_weights))]
         if not self.is_real:
             parts += ["--subject-ids", *self.subject_ids] if self.subject_ids else ["--subjects", str(self.subjects)]
             parts += ["--shell", f"{self.shell:g}", "--n-acquired", str(self.n_acquired)]
@@ -253,11 +276,13 @@ def _machine(device) -> dict:
 def _method_rows(config: BenchmarkConfig) -> list[dict]:
     """One row per (method, R) and per labelled QID² model: key, method name, R, display label and weights path."""
     names = list(config.methods)
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise QID2InputError(
-            None, f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
-        )
+    if not names:
+        raise QID2InputError(None, f"no method given; choose from {', '.join(METHODS)}")
+    for name in names:
+        try:
+            split_method(name)
+        except ValueError as exc:
+            raise QID2InputError(None, str(exc)) from None
     for flag in ("model", "cgan", "qgan"):
         paths = getattr(config, flag)
         if paths and len(paths) != len(config.num_references):
@@ -267,18 +292,20 @@ def _method_rows(config: BenchmarkConfig) -> list[dict]:
     if config.qid2_models and "qid2" not in names:
         raise QID2InputError(None, "--qid2-models needs qid2 among --methods")
     rows = []
-    for name in dict.fromkeys(names):
+    for full in dict.fromkeys(names):
+        denoiser, name = split_method(full)
         if name == "qid2" and config.qid2_models and not config.model:
-            rows += _labelled_qid2_rows(config.qid2_models)
+            rows += _denoised(_labelled_qid2_rows(config.qid2_models), denoiser)
             continue
         for i, r in enumerate(config.num_references if uses_references(name) else [None]):
             flag = {"qid2": "model", "cgan": "cgan", "qgan": "qgan"}.get(name)
             paths = getattr(config, flag) if flag else None
-            rows.append({"key": f"{name}-r{r}" if r else name, "method": name, "R": r,
-                         "label": method_label(name, r), "weights": str(paths[i]) if paths else None})
+            rows.append({"key": f"{full}-r{r}" if r else full, "method": name, "R": r, "denoise": denoiser,
+                         "label": method_label(full, r), "weights": str(paths[i]) if paths else None})
         if name == "qid2":
-            rows += _labelled_qid2_rows(config.qid2_models or ())
-    rows = _with_adaptation(rows, config.adapt_steps)
+            rows += _denoised(_labelled_qid2_rows(config.qid2_models or ()), denoiser)
+    rows = _with_denoising(_with_weights(_with_adaptation(rows, config.adapt_steps), config.residual_weights),
+                           config.denoise)
     keys = [row["key"] for row in rows]
     if len(set(keys)) != len(keys):
         raise QID2InputError(None, f"two rows would share a name ({', '.join(keys)}); rename a --qid2-models label")
@@ -303,6 +330,50 @@ def _with_adaptation(rows, adapt_steps) -> list[dict]:
     return out
 
 
+def _with_weights(rows, weights) -> list[dict]:
+    """Each QID² row once per residual weight (the first keeps the row's name, the others get ``-wW``)."""
+    from ..pipelines.upsampler_qid2 import check_residual_weight
+
+    if not weights:
+        return rows
+    try:
+        weights = list(dict.fromkeys(check_residual_weight(w) for w in weights))
+    except ValueError as exc:
+        raise QID2InputError(None, f"--residual-weight: {exc}") from None
+    out = []
+    for row in rows:
+        if row["method"] != "qid2":
+            out.append(row)
+            continue
+        for k, w in enumerate(weights):
+            out.append({**row, "residual_weight": w} if k == 0 else
+                       {**row, "key": f"{row['key']}-w{w}", "label": f"{row['label']}, residual weight {w}",
+                        "residual_weight": w})
+    return out
+
+
+def _denoised(rows, denoiser) -> list[dict]:
+    """``rows`` preceded by ``denoiser`` (e.g. ``mppca``): key ``mppca+KEY``, label ``MP-PCA + LABEL``."""
+    if denoiser is None:
+        return rows
+    prefix = method_label(f"{denoiser}+dti").removesuffix(method_label("dti"))
+    return [{**row, "key": f"{denoiser}+{row['key']}", "label": f"{prefix}{row['label']}", "denoise": denoiser}
+            for row in rows]
+
+
+def _with_denoising(rows, denoisers) -> list[dict]:
+    """Each row once per denoiser of ``--denoise`` (``none``: as it is)."""
+    from ..denoise import DENOISERS
+
+    if not denoisers:
+        return rows
+    unknown = [d for d in denoisers if d not in DENOISERS]
+    if unknown:
+        raise QID2InputError(None, f"unknown denoiser(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}")
+    return [new for row in rows for d in dict.fromkeys(denoisers)
+            for new in ([row] if d == "none" or row.get("denoise") else _denoised([row], d))]
+
+
 def _labelled_qid2_rows(models) -> list[dict]:
     """Rows of ``--qid2-models``: given explicitly, so a folder that is not a model is an error, not a skip."""
     from ..hub import model_num_references
@@ -316,7 +387,7 @@ def _labelled_qid2_rows(models) -> list[dict]:
             raise QID2InputError(path, "not a QID² pipeline folder (no model_index.json)")
         r = model_num_references(path)
         rows.append({"key": f"qid2-{label}", "method": "qid2", "R": r, "label": f"QID² {label} (R={r})",
-                     "weights": str(path), "required": True})
+                     "weights": str(path), "required": True, "denoise": None})
     return rows
 
 
@@ -438,6 +509,7 @@ def _load_methods(rows, config: BenchmarkConfig, device, log) -> dict:
                 scheduler=config.scheduler if row["method"] == "qid2" else None,
                 num_inference_steps=config.steps,
                 adapt_steps=row.get("adapt_steps"),
+                residual_weight=row.get("residual_weight"),
                 batch_size=config.batch_size,
                 seed=config.seed,
                 device=device,
@@ -590,22 +662,26 @@ class _Benchmark:
         on held-out subjects the options chose them, and it is an error.
         """
         ev, low, targets = case.evaluation, case.low, case.targets
+        denoiser = row.get("denoise")
         tic = time.perf_counter()
+        kept = case.kept_data(denoiser)
         try:
             upsampler = self.upsamplers[row["key"]]
-            pred = upsampler.predict(case.data[..., low], ev.bvals[low], ev.bvecs[low], targets, ev.mask)
+            pred = upsampler.predict(kept, ev.bvals[low], ev.bvecs[low], targets, ev.mask)
         except ValueError as exc:  # e.g. more SH coefficients or references than acquired directions
             if not self.config.is_real:
                 raise QID2InputError(case.path, f"{row['label']}: {exc}") from None
             self.log(f"{row['label']} does not run on {case.name}: {exc}")
             return {"skipped": str(exc)}
         elapsed = time.perf_counter() - tic
-        scores, maps = ev.score(pred, targets, return_maps=True)
+        # A denoised method's series holds its denoised kept volumes, as the user's output would.
+        scores, maps = ev.score(pred, targets, return_maps=True, kept=None if denoiser is None else (low, kept))
         if self.fid_model is not None:
             self.tally.features[row["key"]].append(inception_features(self.fid_model, pred, ev.mask, data_range))
         if self.config.save_predictions:
             shell = case.shell
-            save_dwi(self.out / "predictions" / case.name / row["key"], ev.combine(pred, targets),
+            save_dwi(self.out / "predictions" / case.name / row["key"],
+                     ev.combine(pred, targets, kept=None if denoiser is None else (low, kept)),
                      shell.bvals, shell.bvecs, shell.affine, shell.header)
         if case.figures:
             panels = self.tally.panels.setdefault(case.name, {})
@@ -614,7 +690,10 @@ class _Benchmark:
             panels["fa"][row["label"]] = maps.fa[panels["crop"]]
             panels["slices"][row["label"]] = pred[panels["crop"] + (0,)]
         per_slice = fa_error_per_slice(maps.fa, ev.reference_maps.fa, ev.mask)
-        return {**scores, "per_slice": per_slice, "time_s": elapsed}
+        extra = {}
+        if row["method"] == "qid2" and upsampler.physics_prior:
+            extra["residual_weight"] = upsampler.applied_residual_weight
+        return {**scores, "per_slice": per_slice, "time_s": elapsed, **extra}
 
     def report(self) -> BenchmarkResults:
         config, tally = self.config, self.tally
@@ -684,12 +763,18 @@ class _Benchmark:
         figures["fa_ratio"] = save_figure(ratio_figure(ratios, labels[BASELINE]), self.out / "fa_ratio.png")
         skipped = [f"{labels[key]} did not run on {case}: {methods[key]['skipped']}"
                    for case, methods in tally.per_case.items() for key in keys if "skipped" in methods[key]]
+        denoised = reference_ratios(tally.per_case, keys, "denoised")
+        after = [pooled_table(section, labels)]
+        if denoised:
+            after.append("Against the MP-PCA-denoised full acquisition (the reference of a practitioner who "
+                         "denoises first):\n\n" + ratio_matrix_table(denoised, labels, labels[BASELINE]))
         return {
             "title": "Benchmark on real scans",
             "table": table,
-            "after": [pooled_table(section, labels), per_slice_table(section, labels)],
+            "after": [*after, per_slice_table(section, labels)],
             "notes": skipped,
-            "results": {"cases": tally.cases, "methods": self.rows, "per_case": tally.per_case, "fa_ratio": section},
+            "results": {"cases": tally.cases, "methods": self.rows, "per_case": tally.per_case, "fa_ratio": section,
+                        "fa_ratio_denoised": denoised},
         }
 
     def fid(self) -> dict | None:
@@ -739,6 +824,8 @@ class _Benchmark:
                 "axial slice); FA, MD and angle compare a tensor fit on b0 + acquired + predicted volumes with one on "
                 "b0 + all acquired volumes" + (" (or, vs truth, on the noise-free signal)." if has_truth else "."),
             ]
+        notes += [f"{name}: {note}." for name, c in self.tally.cases.items()
+                  for note in c.get("denoise", {}).values()]
         if any(c["shell"] >= HIGH_B for c in self.tally.cases.values()):
             notes.append(f"Shells of b >= {HIGH_B:g}: ACC = angular correlation (Anderson 2005) of order-6 and -8 SH "
                          "fits (dipy, least squares, l = 0 left out) of the up-sampled series against the full "

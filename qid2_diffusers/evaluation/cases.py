@@ -12,7 +12,7 @@ against the full acquisition of the shell (and a phantom's noise-free truth).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -46,6 +46,8 @@ class BenchmarkCase:
         mask_note (`str`, *optional*): where the mask came from, for the report's notes.
         source (`str`, *optional*): provenance, one line.
         figures (`bool`, *optional*, defaults to `False`): draw this case's FA maps.
+        denoised_reference (`bool`, *optional*, defaults to `False`): also score against the MP-PCA-denoised
+            full acquisition (real scans: the reference a practitioner who denoises would trust).
     """
 
     name: str
@@ -57,6 +59,10 @@ class BenchmarkCase:
     mask_note: str | None = None
     source: str | None = None
     figures: bool = False
+    denoised_reference: bool = False
+    #: denoiser -> the one-line note of what it did to this case's kept series (:meth:`kept_data`).
+    denoise_notes: dict = field(default_factory=dict, init=False, repr=False)
+    _kept: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def bval(self) -> float:
@@ -97,11 +103,31 @@ class BenchmarkCase:
         """Target directions ``(T, 3)``."""
         return self.shell.bvecs[self.split[1]]
 
+    def kept_data(self, denoiser: str | None = None) -> np.ndarray:
+        """The volumes the methods see (:attr:`low`: b0s and kept directions), denoised first by
+        ``denoiser`` (:func:`~qid2_diffusers.denoise.denoise_series`) unless it is `None` or ``"none"``."""
+        from ..denoise import denoise_series
+
+        if denoiser in (None, "none"):
+            return self.data[..., self.low]
+        if denoiser not in self._kept:
+            result = denoise_series(self.data[..., self.low], self.shell.bvals[self.low], denoiser, mask=self.mask,
+                                    b0_threshold=self.shell.b0_threshold, what=f"{self.name}'s kept series")
+            self._kept[denoiser] = result.data
+            self.denoise_notes[denoiser] = result.plan.note
+        return self._kept[denoiser]
+
     @cached_property
     def evaluation(self) -> SubjectEvaluation:
         """Scores predictions against the full shell; high-b measures from b >= :data:`~.metrics.HIGH_B`."""
+        denoised = None
+        if self.denoised_reference:
+            from ..denoise import denoise_series
+
+            denoised = denoise_series(self.data, self.shell.bvals, "mppca", mask=self.mask,
+                                      b0_threshold=self.shell.b0_threshold).data
         return SubjectEvaluation(self.data, self.shell.bvals, self.shell.bvecs, self.mask, truth=self.truth,
-                                 high_b=self.bval >= HIGH_B)
+                                 denoised=denoised, high_b=self.bval >= HIGH_B)
 
     def describe(self) -> dict:
         """The case as ``results.json`` records it."""
@@ -116,6 +142,7 @@ class BenchmarkCase:
             "acquired_volumes": self.acquired.tolist(),
             "mask_voxels": int(self.mask.sum()),
             "mask": self.mask_note,
+            "denoise": self.denoise_notes,
         }
 
 
@@ -194,4 +221,5 @@ def real_benchmark_case(case) -> BenchmarkCase:
         mask_note=note,
         source=case.source,
         figures=min(shell.data.shape[:2]) >= FIGURE_MIN_INPLANE,
+        denoised_reference=True,
     )

@@ -69,6 +69,8 @@ class SubjectEvaluation:
         mask (`np.ndarray` of shape `(X, Y, Z)`): brain mask; every metric is taken inside it.
         truth (`array-like` of shape `(X, Y, Z, N)`, *optional*): the noise-free
             signal on the same scheme (phantoms), a second reference.
+        denoised (`array-like` of shape `(X, Y, Z, N)`, *optional*): the full acquisition denoised
+            (MP-PCA, real scans), a reference of its own (``"denoised"`` in :meth:`score`).
         min_mask_voxels (`int`, *optional*, defaults to :data:`~qid2_diffusers.evaluation.metrics.MIN_MASK_VOXELS`):
             slices with fewer brain voxels are left out of the SSIMs.
         fibre_fa (`float`, *optional*, defaults to 0.2): FA above which principal directions are compared.
@@ -85,6 +87,7 @@ class SubjectEvaluation:
         mask,
         truth=None,
         *,
+        denoised=None,
         min_mask_voxels: int = MIN_MASK_VOXELS,
         fibre_fa: float = FIBRE_FA,
         high_b: bool = False,
@@ -94,6 +97,7 @@ class SubjectEvaluation:
         self.bvecs = np.asarray(bvecs, dtype=np.float64)
         self.mask = np.asarray(mask, dtype=bool)
         self.truth = None if truth is None else np.asarray(truth, dtype=np.float32)
+        self.denoised = None if denoised is None else np.asarray(denoised, dtype=np.float32)
         if self.mask.shape != self.data.shape[:3]:
             raise ValueError(f"mask shape {self.mask.shape} does not match the data's {self.data.shape[:3]}")
         if self.truth is not None and self.truth.shape != self.data.shape:
@@ -114,6 +118,11 @@ class SubjectEvaluation:
         return None if self.truth is None else fit_tensor(self.truth, self.bvals, self.bvecs, self.mask)
 
     @cached_property
+    def denoised_maps(self):
+        """Tensor fit of the denoised full acquisition, or ``None`` without one."""
+        return None if self.denoised is None else fit_tensor(self.denoised, self.bvals, self.bvecs, self.mask)
+
+    @cached_property
     def high_b_reference(self):
         """The full acquisition's SH fits and CSD peaks (:class:`~qid2_diffusers.evaluation.metrics.HighBReference`)."""
         return HighBReference(self.data, self.bvals, self.bvecs, self.mask, self.reference_maps.fa,
@@ -130,12 +139,19 @@ class SubjectEvaluation:
         """Indices (into the full scheme) of the volumes at ``target_bvecs``, matched antipodally."""
         return self.dw[match_volumes(target_bvecs, self.bvecs[self.dw])]
 
-    def combine(self, pred, target_bvecs) -> np.ndarray:
-        """The up-sampled series: the acquisition with the target volumes replaced by ``pred``."""
+    def combine(self, pred, target_bvecs, *, kept=None) -> np.ndarray:
+        """The up-sampled series: the acquisition with the target volumes replaced by ``pred``.
+
+        Args:
+            kept (`tuple`, *optional*): ``(indices, volumes)``: the volumes a method
+                replaced among the ones it was given (its denoised b0s and kept directions).
+        """
         pred = np.asarray(pred, dtype=np.float32)
         if pred.shape[:3] != self.data.shape[:3] or pred.ndim != 4:
             raise ValueError(f"predicted volumes of shape {pred.shape} do not fit the grid {self.data.shape[:3]}")
         combined = self.data.copy()
+        if kept is not None:
+            combined[..., kept[0]] = kept[1]
         combined[..., self.volume_indices(target_bvecs)] = pred
         return combined
 
@@ -150,25 +166,27 @@ class SubjectEvaluation:
             scores.update(high_b_reference.score(series))
         return scores
 
-    def score(self, pred, target_bvecs, *, return_maps: bool = False):
+    def score(self, pred, target_bvecs, *, kept=None, return_maps: bool = False):
         """Score predicted volumes.
 
         Args:
             pred (`np.ndarray` of shape `(X, Y, Z, T)`): predicted volumes.
             target_bvecs (`array-like` of shape `(T, 3)`): their directions, any
                 order and sign; each must be a direction of the acquisition.
+            kept (`tuple`, *optional*): ``(indices, volumes)`` of the method's own
+                b0s and kept directions (denoised), as :meth:`combine` takes them.
             return_maps (`bool`, *optional*, defaults to `False`): also return
                 the tensor fit of the up-sampled series.
 
         Returns:
             `dict`: ``{"acquired": metrics}`` plus ``"truth": metrics`` when a
-            truth was given; ``metrics`` holds the keys of
+            truth was given (and ``"denoised": metrics`` with a denoised reference); ``metrics`` holds the keys of
             :func:`~qid2_diffusers.evaluation.metrics.image_metrics` and
             :func:`~qid2_diffusers.evaluation.metrics.tensor_metrics`, and with
             ``high_b`` those of :meth:`~qid2_diffusers.evaluation.metrics.HighBReference.score`.
         """
         idx = self.volume_indices(target_bvecs)
-        combined = self.combine(pred, target_bvecs)
+        combined = self.combine(pred, target_bvecs, kept=kept)
         maps = fit_tensor(combined, self.bvals, self.bvecs, self.mask)
         pred = combined[..., idx]
         scores = {"acquired": self._scores(pred, self.data[..., idx], maps, self.reference_maps, combined,
@@ -176,6 +194,13 @@ class SubjectEvaluation:
         if self.truth is not None:
             scores["truth"] = self._scores(pred, self.truth[..., idx], maps, self.truth_maps, combined,
                                            self.high_b and self.truth_high_b_reference)
+        if self.denoised is not None:
+            # Tensor measures only: the high-b references are of the raw acquisition.
+            scores["denoised"] = {
+                **image_metrics(pred, self.denoised[..., idx], self.mask, min_mask_voxels=self.min_mask_voxels),
+                **tensor_metrics(maps, self.denoised_maps, self.mask, fibre_fa=self.fibre_fa,
+                                 min_mask_voxels=self.min_mask_voxels),
+            }
         return (scores, maps) if return_maps else scores
 
     def score_acquisition(self, target_bvecs) -> dict:

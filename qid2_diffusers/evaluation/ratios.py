@@ -15,7 +15,7 @@ import numpy as np
 
 from .stats import paired_tests
 
-__all__ = ["BASELINE", "ratio_section"]
+__all__ = ["BASELINE", "ratio_section", "reference_ratios"]
 
 #: Method key of the ratio's denominator: DTI-predict.
 BASELINE = "dti"
@@ -87,3 +87,16 @@ def ratio_section(per_case: dict, keys: Sequence[str], baseline: str = BASELINE)
             "geometric_mean_ratio": float(np.exp(np.mean(np.log(ratios)))) if ratios.size else None,
         }
     return section
+
+
+def reference_ratios(per_case: dict, keys: Sequence[str], reference: str, baseline: str = BASELINE) -> dict:
+    """Case -> key -> FA MAE against ``reference`` (e.g. ``"denoised"``) over the baseline's against it;
+    cases without that reference are left out, methods that did not run are ``None``."""
+    out = {}
+    for case, methods in per_case.items():
+        base = methods.get(baseline)
+        if not _scored(base) or reference not in base:
+            continue
+        out[case] = {key: _ratio(methods[key][reference]["fa_mae"], base[reference]["fa_mae"])
+                     if _scored(methods.get(key)) else None for key in keys}
+    return out

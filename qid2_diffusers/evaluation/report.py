@@ -377,6 +377,26 @@ def case_table(rows, baseline_label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ratio_matrix_table(ratios: dict, labels: dict, baseline_label: str) -> str:
+    """Markdown table of FA-error ratios, one row per method and one column per case (bold below 1).
+
+    Args:
+        ratios (`dict`): case -> method key -> ratio or `None`
+            (:func:`~qid2_diffusers.evaluation.ratios.reference_ratios`).
+        labels (`dict`): method key -> display label, in row order.
+        baseline_label (`str`): the ratio's denominator.
+    """
+    cases = list(ratios)
+    lines = [f"| Methods (FA Error / {baseline_label}) | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for key, label in labels.items():
+        cells = []
+        for case in cases:
+            value = ratios[case].get(key)
+            cells.append("–" if value is None else (f"**{value:.3f}**" if value < 1 else f"{value:.3f}"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def pooled_table(section: dict, labels: dict) -> str:
     """Markdown summary of a :func:`~qid2_diffusers.evaluation.ratios.ratio_section` over every case.
 

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from ..upsampling import SliceUpsampler, sample_seed
-from .adaptation import adapt_pipeline
+from .adaptation import adapt_pipeline, residual_weight
 
-__all__ = ["QID2Upsampler"]
+__all__ = ["QID2Upsampler", "DEFAULT_RESIDUAL_WEIGHT"]
+
+#: ``residual_weight`` of a physics-prior model when none is given: chosen per shell on the scan's own kept
+#: directions (:func:`~qid2_diffusers.pipelines.adaptation.residual_weight`), on the validation phantoms'
+#: evidence (BENCHMARK.md, "Denoise then up-sample").
+DEFAULT_RESIDUAL_WEIGHT = "auto"
+
+
+def check_residual_weight(value) -> str | float:
+    """``"auto"`` or a float in [0, 1] (a one-line error otherwise)."""
+    if value is None or value == "auto":
+        return "auto" if value is not None else DEFAULT_RESIDUAL_WEIGHT
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"residual weight must be 'auto' or a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"residual weight must be 'auto' or a number in [0, 1], got {value!r}")
+    return w
 
 
 class QID2Upsampler(SliceUpsampler):
@@ -32,6 +52,12 @@ class QID2Upsampler(SliceUpsampler):
             and in :attr:`timings` (``adaptation``).
         adapt_settings (`dict`, *optional*): overrides of
             :data:`~qid2_diffusers.pipelines.adaptation.ADAPTATION_DEFAULTS`.
+        residual_weight (`str` or `float`, *optional*): for a physics-prior model, how much of the
+            network's residual over the tensor prior is kept: ``"auto"`` chooses it per volume from the
+            scan's own kept directions (:func:`~qid2_diffusers.pipelines.adaptation.residual_weight`),
+            a number in [0, 1] fixes it (1: the network as trained, 0: the tensor fit). Defaults to
+            :data:`DEFAULT_RESIDUAL_WEIGHT`. The weight used is :attr:`applied_residual_weight`; the
+            time spent choosing it counts as adaptation.
 
     Example:
 
@@ -45,7 +71,7 @@ class QID2Upsampler(SliceUpsampler):
     name = "qid2"
 
     def __init__(self, pipeline, *, num_inference_steps=None, num_samples=1, batch_size=32, seed=0, progress=True,
-                 adapt_steps: int | None = None, adapt_settings: dict | None = None):
+                 adapt_steps: int | None = None, adapt_settings: dict | None = None, residual_weight=None):
         super().__init__(batch_size=batch_size, seed=seed, progress=progress)
         self.pipeline = pipeline
         self.num_inference_steps = num_inference_steps
@@ -54,21 +80,31 @@ class QID2Upsampler(SliceUpsampler):
         self.adapt_settings = dict(adapt_settings or {})
         self.adaptation_seconds = 0.0
         self._scan_pipeline = None
+        self.residual_weight = check_residual_weight(residual_weight)
         pipeline.set_progress_bar_config(disable=True)
 
     def predict_volumes(self, data, bvals, bvecs, target_bvecs, mask=None, **options):
-        """See :meth:`SliceUpsampler.predict_volumes`; adapts the model to this scan first when ``adapt_steps``."""
-        if not self.adapt_steps:
+        """See :meth:`SliceUpsampler.predict_volumes`; adapts the model to this scan first when ``adapt_steps``,
+        and chooses the residual weight on the scan when it is ``"auto"``."""
+        gate = self.physics_prior and self.residual_weight == "auto"
+        self.applied_residual_weight = 1.0 if not self.physics_prior or gate else float(self.residual_weight)
+        if not self.adapt_steps and not gate:
             return super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
+        start = time.perf_counter()
         axis = options.get("axis", 2)
         scan, brain = data, (np.ones(np.shape(data)[:3], dtype=bool) if mask is None else np.asarray(mask, dtype=bool))
         if axis != 2:
             scan, brain = np.moveaxis(np.asarray(data), axis, 2), np.moveaxis(brain, axis, 2)
-        self._scan_pipeline, self.adaptation_seconds = adapt_pipeline(
+        self._scan_pipeline, _ = adapt_pipeline(
             self.pipeline, scan, bvals, bvecs, brain, steps=self.adapt_steps, seed=self.seed, progress=self.progress,
             **self.adapt_settings,
         )
         try:
+            if gate:
+                self.applied_residual_weight = residual_weight(
+                    self._scan_pipeline, scan, bvals, bvecs, brain, seed=self.seed,
+                    num_inference_steps=self.num_inference_steps, batch_size=self.batch_size)
+            self.adaptation_seconds = time.perf_counter() - start
             out = super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
         finally:
             self._scan_pipeline = None
