@@ -52,7 +52,6 @@ class QID2Upsampler(SliceUpsampler):
         self.num_samples = int(num_samples)
         self.adapt_steps = int(pipeline.config.get("default_adapt_steps", 0) if adapt_steps is None else adapt_steps)
         self.adapt_settings = dict(adapt_settings or {})
-        self.adaptation_seconds = 0.0
         self._scan_pipeline = None
         pipeline.set_progress_bar_config(disable=True)
 
@@ -64,7 +63,7 @@ class QID2Upsampler(SliceUpsampler):
         scan, brain = data, (np.ones(np.shape(data)[:3], dtype=bool) if mask is None else np.asarray(mask, dtype=bool))
         if axis != 2:
             scan, brain = np.moveaxis(np.asarray(data), axis, 2), np.moveaxis(brain, axis, 2)
-        self._scan_pipeline, self.adaptation_seconds = adapt_pipeline(
+        self._scan_pipeline, seconds = adapt_pipeline(
             self.pipeline, scan, bvals, bvecs, brain, steps=self.adapt_steps, seed=self.seed, progress=self.progress,
             **self.adapt_settings,
         )
@@ -72,8 +71,14 @@ class QID2Upsampler(SliceUpsampler):
             out = super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
         finally:
             self._scan_pipeline = None
-        self.timings["adaptation"] = self.adaptation_seconds
+        # After the base class's predict_volumes, which starts timings afresh.
+        self.timings["adaptation"] = seconds
         return out
+
+    @property
+    def adaptation_seconds(self) -> float:
+        """Wall time of the last :meth:`predict_volumes`' adaptation: the ``adaptation`` stage of :attr:`timings`."""
+        return float(self.timings.get("adaptation", 0.0))
 
     @property
     def num_references(self) -> int:
