@@ -171,3 +171,14 @@ def test_adaptation_rows_sit_beside_the_models_as_trained(real_run):
         assert plain["fa_mae"] != adapted["fa_mae"]
         assert np.isfinite(adapted["fa_mae"]) and 0 < adapted["nrmse"] < 10
     assert ("mdt-b1000", "QID² prior (R=3) + adaptation (2 steps)") in _table_rows(markdown)
+
+
+def test_recorded_command_says_real_alone_for_the_default_folder(tmp_path):
+    """``--real`` without a folder is recorded so, not as this machine's path to the default folder."""
+    from qid2_diffusers.data.real import default_real_data_dir
+    from qid2_diffusers.evaluation.benchmark import BenchmarkConfig
+
+    default = BenchmarkConfig(real=str(default_real_data_dir()), out=tmp_path).command()
+    assert default.startswith("qid2 benchmark --real --methods ") and str(default_real_data_dir()) not in default
+    given = BenchmarkConfig(real="scans/real", out=tmp_path).command()
+    assert given.startswith("qid2 benchmark --real scans/real --methods ")
