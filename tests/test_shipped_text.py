@@ -41,7 +41,7 @@ def test_no_shipped_text_names_a_folder_of_the_training_machine():
     files = list(shipped_text_files())
     # The scan reaches every kind of shipped text (a moved folder would otherwise pass silently).
     names = {f.relative_to(ROOT).as_posix() for f in files}
-    assert {"README.md", "BENCHMARK.md", "qid2_diffusers/pretrained/qid2-small-r3/README.md",
+    assert {"README.md", "BENCHMARK.md", "model_card.md", "qid2_diffusers/pretrained/qid2-small-r3/README.md",
             "qid2_diffusers/pretrained/qid2-small-r3/training/training_summary.json"} <= names
     assert any(n.startswith("benchmarks/results/") and n.endswith("results.json") for n in names)
     found = [f"{f.relative_to(ROOT)}:{n}: {line[:160]}"
