@@ -112,6 +112,7 @@ def test_cli_prints_the_timings_on_one_line(crop, one_step_prior_model, tmp_path
     assert total == pytest.approx(sum(float(v) for v in stages.values()), abs=0.01 * len(stages))
 
 
+@pytest.mark.slow  # ~7 s: the HCP-grid benchmark script
 def test_hcp_grid_script_reports_every_stage_and_extrapolates(one_step_prior_model, tmp_path, monkeypatch):
     bench = _script("bench_gpu_volume")
     out = tmp_path / "run.json"

@@ -269,6 +269,7 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow  # ~1 min: three training runs in subprocesses
 def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
     # 240 samples, 20 steps per epoch: the resumed run crosses an epoch boundary.
     extra = ["--num_validation_subjects", "0", "--train_batch_size", "12", "--max_train_steps", "24",
@@ -376,6 +377,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~15 s: two Accelerate processes
 def test_two_processes_hold_identical_weights_and_the_output_loads(training_cohort, tmp_path):
     out = tmp_path / "ddp"
     # `accelerate launch --cpu` starts several CPU processes only through mpirun;
