@@ -1,7 +1,7 @@
 """How real do the domain-randomised phantoms look? A comparison with the real scans (compare only).
 
     python benchmarks/realism.py --out benchmarks/results/realism
-    python benchmarks/realism.py --out /tmp/realism --seeds 0 1 --slab 6
+    python benchmarks/realism.py --out runs/realism --seeds 0 1 --slab 6
 
 The real scans are the judge, never the teacher: nothing here feeds back into
 the generator, and no held-out direction of a real scan is used to fit

@@ -86,7 +86,6 @@ class UpsampleResult:
         std (`np.ndarray` of shape `(X, Y, Z, T)`, *optional*): per-voxel standard
             deviation over samples, when more than one sample was drawn.
         adapt_steps (`int`, *optional*, defaults to 0): test-time adaptation steps per shell.
-        adaptation_seconds (`float`, *optional*, defaults to 0): wall time they took, every shell together.
         timings (`dict`, *optional*): wall seconds per stage (:data:`~qid2_diffusers.timing.STAGES`),
             every shell together; :meth:`save` adds ``write``. Their sum is the run's wall time.
         denoise_note (`str`, *optional*): what the denoising stage did to the input volumes
@@ -102,10 +101,14 @@ class UpsampleResult:
     mask: np.ndarray
     std: np.ndarray | None = None
     adapt_steps: int = 0
-    adaptation_seconds: float = 0.0
     timings: dict = field(default_factory=dict)
     denoise_note: str = "not denoised (--denoise none)"
     residual_weights: dict = field(default_factory=dict)
+
+    @property
+    def adaptation_seconds(self) -> float:
+        """Wall time of test-time adaptation, every shell together: the ``adaptation`` stage of :attr:`timings`."""
+        return float(self.timings.get("adaptation", 0.0))
 
     @property
     def n_targets(self) -> int:
@@ -481,7 +484,7 @@ def upsample_dwi(
     out = series.data[..., : n_in + (n_new if main else 0)]
     std = np.zeros(dwi.shape[:3] + (n_new,), dtype=np.float32, order="F") if num_samples > 1 and main else None
     batch_size = batch_size or auto_batch_size(pipeline, series.mask, num_samples)
-    start, adaptation_seconds, weights = n_in, 0.0, {}
+    start, weights = n_in, {}
     for plan in plans:
         upsampler = _upsampler(pipeline, num_inference_steps, num_samples, adapt_steps, residual_weight, batch_size,
                                shell_seed(seed, plan.label, len(series.shells)), progress and main)
@@ -490,7 +493,6 @@ def upsample_dwi(
                         std[..., tail.start - n_in : tail.stop - n_in] if std is not None else None,
                         num_samples > 1, state)
         start = tail.stop
-        adaptation_seconds += upsampler.adaptation_seconds
         if pipeline.physics_prior:
             weights[plan.bval] = upsampler.applied_residual_weight
         add_timings(timings, upsampler.timings)
@@ -506,7 +508,6 @@ def upsample_dwi(
         mask=series.stored_mask,
         std=std,
         adapt_steps=upsampler.adapt_steps if plans else 0,
-        adaptation_seconds=adaptation_seconds,
         timings={**timings, "other": time.perf_counter() - start_time - sum(timings.values())},
         denoise_note=denoise_note,
         residual_weights=weights,

@@ -182,6 +182,7 @@ def test_api_upload_real_crop_and_bad_upload(served, real_data_dir, tmp_path):
                        handle_file(str(real_data_dir / "b3000.bvec")), api_name="/upload")
 
 
+@pytest.mark.slow  # ~8 s: headless Chromium
 @pytest.mark.browser
 def test_browser_runs_the_example(served, tmp_path):
     if not Path(CHROMIUM).is_file():

@@ -92,6 +92,7 @@ def two_processes(cohort, tiny_model_dir, accelerate_launch):
     return out, done
 
 
+@pytest.mark.slow  # ~8 s: two Accelerate processes
 def test_two_processes_write_what_single_subject_runs_write_bit_for_bit(two_processes, cohort, tiny_model_dir,
                                                                         tmp_path, capsys):
     out, done = two_processes
@@ -138,6 +139,7 @@ def _marker(out: Path, subject: str) -> Path:
     return out / prefix.with_name(f".{prefix.name}.qid2-done.json")
 
 
+@pytest.mark.slow  # ~9 s: a run killed in a subprocess, then resumed
 def test_killed_run_resumes_and_leaves_no_temporary(cohort, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "killed"
     # 50 steps: a second or more per subject, time enough to kill the run between the first and the last.

@@ -216,6 +216,7 @@ def test_configs_without_the_option_load_as_not_bval_conditioned(kind):
         assert torch.equal(gen(refs, tb, rb), gen(refs, tb, rb, *_shell(3000)))
 
 
+@pytest.mark.slow  # ~7 s: a GAN training run (the one-shell run stays quick)
 def test_train_gan_on_two_shells_gives_a_bval_conditioned_upsampler(multishell_training_cohort, tmp_path):
     from qid2_diffusers.data.io import extract_shell, load_dwi
 

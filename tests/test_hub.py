@@ -179,6 +179,7 @@ def test_push_rejects_bad_arguments(tiny_model_dir, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow  # ~6 s: torch.compile
 def test_compiled_unet_samples_as_the_eager_one(tiny_model_dir, tmp_path):
     # backend="eager" traces with dynamo without generating code: it checks that the
     # pipeline works through torch.compile's wrapper (config, dtype, device lookups)

@@ -97,6 +97,7 @@ def test_tensor_prior_recovers_held_out_directions(scheme90):
     np.testing.assert_allclose(fit.mean_b0, data[..., :3].mean(-1), rtol=1e-6)
 
 
+@pytest.mark.slow  # 5 min on 2 cores: DTI-predict over every slice and target
 def test_upsampler_with_a_zero_network_is_dti_predict(prior_pipeline, scheme90):
     data, bvals, bvecs = _tensor_volume(scheme90)
     kept, held = split_acquired(scheme90, 30)

@@ -76,3 +76,14 @@ def test_shipped_card_has_the_trainers_metadata_and_every_section_of_its_templat
         return [line for line in card.text.splitlines() if line.startswith("## ")]
 
     assert sections(rendered) and set(sections(rendered)) <= set(sections(shipped))
+
+
+def test_model_card_at_the_top_is_the_default_models_hub_card():
+    """``model_card.md`` beside pyproject.toml is the card the default model carries, byte for byte:
+    one card, written once (by the trainer's template, then the packaging notes), copied to the top."""
+    top = Path(__file__).resolve().parents[1] / "model_card.md"
+    shipped = default_model_path() / "README.md"
+    assert top.read_bytes() == shipped.read_bytes(), (
+        f"model_card.md differs from the default model's card; refresh it with "
+        f"`cp qid2_diffusers/pretrained/{shipped.parent.name}/README.md model_card.md`"
+    )

@@ -50,6 +50,7 @@ def _table_rows(markdown: str) -> dict:
     return rows
 
 
+@pytest.mark.slow  # the real-scan benchmark run they share takes ~80 s
 def test_every_case_keeps_a_third_and_scores_every_slice(real_run):
     _, results, _ = real_run
     assert list(results["cases"]) == list(CASES)
@@ -66,6 +67,7 @@ def test_every_case_keeps_a_third_and_scores_every_slice(real_run):
     assert results["wall_time_s"] > 0 and "platform" in results["machine"]
 
 
+@pytest.mark.slow  # the real-scan benchmark run they share takes ~80 s
 def test_the_table_ratio_is_fa_error_over_dti_predict(real_run):
     _, results, markdown = real_run
     rows = _table_rows(markdown)
@@ -87,6 +89,7 @@ def test_the_table_ratio_is_fa_error_over_dti_predict(real_run):
     assert min(results["fa_ratio"]["ratio"]["mdt-b1000"][k] for k in ("qid2-paper", "qid2-prior")) > 1.5
 
 
+@pytest.mark.slow  # the real-scan benchmark run they share takes ~80 s
 def test_per_slice_values_average_to_the_case_value(real_run):
     _, results, _ = real_run
     for case in CASES:
@@ -100,6 +103,7 @@ def test_per_slice_values_average_to_the_case_value(real_run):
             assert sum(per_slice["n_voxels"]) == results["cases"][case]["mask_voxels"]
 
 
+@pytest.mark.slow  # the real-scan benchmark run they share takes ~80 s
 def test_paired_tests_over_slices_and_high_b_measures(real_run):
     out, results, markdown = real_run
     tests = results["fa_ratio"]["tests"]
@@ -127,6 +131,7 @@ def test_paired_tests_over_slices_and_high_b_measures(real_run):
     assert re.search(r"\| Interp \(R=3\) \| \d of 2 \|", markdown)
 
 
+@pytest.mark.slow  # the real-scan benchmark run they share takes ~80 s
 def test_qid2_evaluate_gives_the_benchmarks_high_b_numbers(real_run, real_data_dir, tmp_path):
     from qid2_diffusers.data.io import save_nifti
     from qid2_diffusers.data.real import real_cases
@@ -159,6 +164,7 @@ def test_real_benchmark_rejects_bad_options(real_data_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # the real-scan benchmark run they share takes ~80 s
 def test_adaptation_rows_sit_beside_the_models_as_trained(real_run):
     _, results, markdown = real_run
     labels = {m["key"]: m["label"] for m in results["methods"]}
@@ -171,3 +177,14 @@ def test_adaptation_rows_sit_beside_the_models_as_trained(real_run):
         assert plain["fa_mae"] != adapted["fa_mae"]
         assert np.isfinite(adapted["fa_mae"]) and 0 < adapted["nrmse"] < 10
     assert ("mdt-b1000", "QID² prior (R=3) + adaptation (2 steps)") in _table_rows(markdown)
+
+
+def test_recorded_command_says_real_alone_for_the_default_folder(tmp_path):
+    """``--real`` without a folder is recorded so, not as this machine's path to the default folder."""
+    from qid2_diffusers.data.real import default_real_data_dir
+    from qid2_diffusers.evaluation.benchmark import BenchmarkConfig
+
+    default = BenchmarkConfig(real=str(default_real_data_dir()), out=tmp_path).command()
+    assert default.startswith("qid2 benchmark --real --methods ") and str(default_real_data_dir()) not in default
+    given = BenchmarkConfig(real="scans/real", out=tmp_path).command()
+    assert given.startswith("qid2 benchmark --real scans/real --methods ")

@@ -73,8 +73,7 @@ def test_every_second_of_a_run_sits_in_its_stage(crop, one_step_prior_model, tmp
     timings = result.timings
     assert set(timings) == set(STAGES) and min(timings.values()) >= 0
     # The adaptation the model asks for (its default) runs and is timed on its own.
-    assert result.adapt_steps == 1 and timings["adaptation"] == pytest.approx(result.adaptation_seconds)
-    assert timings["adaptation"] > 0
+    assert result.adapt_steps == 1 and timings["adaptation"] > 0
     assert timings["prior_fit"] >= 0.3
     assert len(batches) > 1 and timings["sampling"] >= 0.05 * len(batches)
     assert timings["batching"] < timings["sampling"]
@@ -83,6 +82,20 @@ def test_every_second_of_a_run_sits_in_its_stage(crop, one_step_prior_model, tmp
     assert wall - sum(timings.values()) < 0.1 * wall
     line = format_timings(timings)
     assert line.startswith("timings: read ") and line.count(" s,") == len(STAGES) - 1 and "prior fit" in line
+
+
+def test_adaptation_seconds_is_the_adaptation_stage_of_the_timings():
+    """One record of the adaptation time: the result's figure follows its timings, 0 when none ran."""
+    from qid2_diffusers.inference import UpsampleResult
+
+    result = UpsampleResult(data=np.zeros((2, 2, 1, 3)), bvals=np.zeros(3), bvecs=np.zeros((3, 3)), n_input=2,
+                            mask=np.ones((2, 2, 1), bool), timings={"read": 1.0, "sampling": 2.0})
+    assert result.adaptation_seconds == 0.0
+    result.timings["adaptation"] = 4.5
+    assert result.adaptation_seconds == 4.5
+    with pytest.raises(TypeError):
+        UpsampleResult(data=result.data, bvals=result.bvals, bvecs=result.bvecs, n_input=2, mask=result.mask,
+                       adaptation_seconds=1.0)
 
 
 def test_cli_prints_the_timings_on_one_line(crop, one_step_prior_model, tmp_path, capsys):
@@ -99,6 +112,7 @@ def test_cli_prints_the_timings_on_one_line(crop, one_step_prior_model, tmp_path
     assert total == pytest.approx(sum(float(v) for v in stages.values()), abs=0.01 * len(stages))
 
 
+@pytest.mark.slow  # ~7 s: the HCP-grid benchmark script
 def test_hcp_grid_script_reports_every_stage_and_extrapolates(one_step_prior_model, tmp_path, monkeypatch):
     bench = _script("bench_gpu_volume")
     out = tmp_path / "run.json"

@@ -1,6 +1,7 @@
 """qid2_diffusers.training and training/train_qid2.py: loss, configs, the Trainer's hooks, resume after a kill,
 two processes, the model card, average_weights."""
 
+import io
 import json
 import os
 import signal
@@ -268,6 +269,7 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow  # ~1 min: three training runs in subprocesses
 def test_resume_after_kill_gives_the_same_weights(training_cohort, tmp_path):
     # 240 samples, 20 steps per epoch: the resumed run crosses an epoch boundary.
     extra = ["--num_validation_subjects", "0", "--train_batch_size", "12", "--max_train_steps", "24",
@@ -329,6 +331,37 @@ def test_entry_script_runs_from_another_folder_with_the_shipped_config(training_
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n") and "python training/train_qid2.py --config tiny" in card
     assert "No held-out subject: no validation figures." in card and (out / "model_index.json").is_file()
+    # The data folder lies outside the working folder: the card's data line names it, not where this machine
+    # keeps it (the command line stays as typed).
+    assert summary["data_description"].endswith(f"subject(s) from `{training_cohort.name}`")
+    assert f"subject(s) from `{training_cohort.name}`" in card
+    # Output to a pipe (a log file): no step bar, whose every redraw would be a carriage return in the log.
+    assert "\r" not in run.stdout + run.stderr and "steps:" not in run.stderr
+
+
+def test_step_bar_only_on_a_terminal_of_the_main_process():
+    from types import SimpleNamespace
+
+    from qid2_diffusers.training.trainer import progress_bar_wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    main, other = SimpleNamespace(is_local_main_process=True), SimpleNamespace(is_local_main_process=False)
+    assert progress_bar_wanted(main, Terminal())
+    assert not progress_bar_wanted(main, io.StringIO())  # a file or pipe
+    assert not progress_bar_wanted(main, object())  # a stream replaced by something without isatty
+    assert not progress_bar_wanted(other, Terminal())
+
+
+def test_card_names_data_folders_relative_to_the_working_folder(tmp_path, monkeypatch):
+    from qid2_diffusers.training.data import card_path
+
+    monkeypatch.chdir(tmp_path)
+    assert card_path("../data/rnd-train") == "../data/rnd-train"  # as typed
+    assert card_path(tmp_path / "data" / "rnd-train") == "data/rnd-train"
+    assert card_path(tmp_path.parent / "elsewhere" / "rnd-train") == "rnd-train"
 
 
 def test_an_unknown_config_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
@@ -344,6 +377,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~15 s: two Accelerate processes
 def test_two_processes_hold_identical_weights_and_the_output_loads(training_cohort, tmp_path):
     out = tmp_path / "ddp"
     # `accelerate launch --cpu` starts several CPU processes only through mpirun;

@@ -77,6 +77,7 @@ def test_same_seed_same_output_and_std_map(crop, tmp_path, tiny_model_dir, capsy
     assert not np.array_equal(a[..., 68:], c[..., 68:])
 
 
+@pytest.mark.slow  # ~8 s: adaptation end to end, three times (test_adaptation.py covers it quickly)
 def test_adaptation_to_the_scan_is_reported_reproducible_and_leaves_inputs_alone(crop, tmp_path, capsys):
     from qid2_diffusers import build_pipeline
 
@@ -145,6 +146,7 @@ def test_bad_input_one_line_error_and_no_output(case, crop, tmp_path, tiny_model
     assert set(tmp_path.rglob("*")) == before  # nothing written, no temporary left behind
 
 
+@pytest.mark.slow  # ~15 s: two Accelerate processes
 def test_two_accelerate_processes_match_one(crop, tmp_path, tiny_model_dir, accelerate_launch):
     args = ["upsample", "--dwi", crop["nii.gz"], "--bvals", crop["bval"], "--bvecs", crop["bvec"], "--shell", "3000",
             "--n-targets", "9", "--model", str(tiny_model_dir), *STEPS, "--num-samples", "2", "--seed", "5"]

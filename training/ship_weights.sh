@@ -9,13 +9,18 @@
 # QID2_SHIP_SMOKE=1 runs the same steps at toy sizes on a CPU (a check of the
 # script, not of the model). Each training run records its own command line
 # in OUT_DIR/<model>/README.md (model card) and training_summary.json.
+# WORK (default OUT_DIR/data) holds the phantoms, caches and logs.
 set -euo pipefail
-OUT=$(realpath -m "${1:?usage: ship_weights.sh OUT_DIR [TRAIN_MINUTES]}")
+REPO=$(realpath "$(dirname "$0")/..")
+# Every command runs from the repository, with its folders relative to it: the
+# cards record the commands as run, and a machine's absolute paths mean nothing to a reader.
+OUT_ARG=${1:?usage: ship_weights.sh OUT_DIR [TRAIN_MINUTES]}
+OUT=$(realpath -m --relative-to="$REPO" "$OUT_ARG")
+WORK=$(realpath -m --relative-to="$REPO" "${WORK:-$OUT_ARG/data}")
 MINUTES=${2:-4.5}
-WORK=${WORK:-/tmp/qid2-ship}
 PY=${PYTHON:-python3}
+cd "$REPO"
 mkdir -p "$OUT" "$WORK"
-cd "$(dirname "$0")/.."
 qid2() { "$PY" -m qid2_diffusers.cli "$@"; }
 # One OpenMP thread per process: four runs x (main + loader workers) share
 # the host's cores, and oversubscribed torch threads starved the GPU (4 steps/s).

@@ -190,7 +190,11 @@ class BenchmarkConfig:
     def command(self) -> str:
         """The ``qid2 benchmark`` command line that reproduces this run, every default spelled out."""
         if self.is_real:
-            parts = ["qid2", "benchmark", "--real", str(self.real)]
+            from ..data.real import default_real_data_dir
+
+            # `--real` alone means the default folder: recorded so, rather than as this machine's path to it.
+            default = Path(self.real).resolve() == default_real_data_dir().resolve()
+            parts = ["qid2", "benchmark", "--real"] + ([] if default else [str(self.real)])
             parts += ["--cases", ",".join(self.cases)] if self.cases else []
         else:
             parts = ["qid2", "benchmark", "--data", str(self.data)]

@@ -78,7 +78,6 @@ class QID2Upsampler(SliceUpsampler):
         self.num_samples = int(num_samples)
         self.adapt_steps = int(pipeline.config.get("default_adapt_steps", 0) if adapt_steps is None else adapt_steps)
         self.adapt_settings = dict(adapt_settings or {})
-        self.adaptation_seconds = 0.0
         self._scan_pipeline = None
         self.residual_weight = check_residual_weight(residual_weight)
         pipeline.set_progress_bar_config(disable=True)
@@ -104,12 +103,19 @@ class QID2Upsampler(SliceUpsampler):
                 self.applied_residual_weight = residual_weight(
                     self._scan_pipeline, scan, bvals, bvecs, brain, seed=self.seed,
                     num_inference_steps=self.num_inference_steps, batch_size=self.batch_size)
-            self.adaptation_seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             out = super().predict_volumes(data, bvals, bvecs, target_bvecs, mask, **options)
         finally:
             self._scan_pipeline = None
-        self.timings["adaptation"] = self.adaptation_seconds
+        # After the base class's predict_volumes, which starts timings afresh; the residual weight's
+        # leave-one-out predictions count as adaptation to the scan.
+        self.timings["adaptation"] = seconds
         return out
+
+    @property
+    def adaptation_seconds(self) -> float:
+        """Wall time of the last :meth:`predict_volumes`' adaptation: the ``adaptation`` stage of :attr:`timings`."""
+        return float(self.timings.get("adaptation", 0.0))
 
     @property
     def num_references(self) -> int:

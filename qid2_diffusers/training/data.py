@@ -33,6 +33,7 @@ __all__ = [
     "Schedule",
     "split_subjects",
     "describe_data",
+    "card_path",
     "load_training_data",
     "make_schedule",
     "batches",
@@ -138,6 +139,19 @@ def split_subjects(args):
     return subjects[: len(subjects) - n_val], subjects[len(subjects) - n_val :]
 
 
+def card_path(path) -> str:
+    """A folder as a model card names it: as typed when relative, else relative to the working
+    folder when inside it, else by its name. An absolute path of the training machine tells a
+    reader nothing they can rerun, and says where the machine keeps its files."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
+
+
 def describe_data(args, train_subjects) -> str:
     """What the training data is, for the model card: ``--data_description`` or detected."""
     if args.data_description:
@@ -145,7 +159,7 @@ def describe_data(args, train_subjects) -> str:
     # `qid2 phantom` stores each subject's noise-free truth beside its data.
     phantom = all((Path(s.dwi).parents[2] / "truth").is_dir() for s in train_subjects if s.layout == "hcp")
     kind = "synthetic brain-like phantom cohort (`qid2 phantom`)" if phantom and train_subjects[0].layout == "hcp" else "DWI data"
-    return f"{kind}: {len(train_subjects)} subject(s) from `{args.data_dir}`"
+    return f"{kind}: {len(train_subjects)} subject(s) from `{card_path(args.data_dir)}`"
 
 
 def load_training_data(args, accelerator) -> TrainingData:

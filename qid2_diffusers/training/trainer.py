@@ -42,7 +42,16 @@ from .data import TrainingData, batches, load_training_data, make_schedule, rand
 from .reporting import CARD_TAGS, dump_weights, push_to_hub, run_fields, summary, write_json, write_model_card
 from .validation import Validator, validate
 
-__all__ = ["Trainer", "make_accelerator", "make_ema", "make_lr_scheduler", "setup_logging"]
+__all__ = ["Trainer", "make_accelerator", "make_ema", "make_lr_scheduler", "setup_logging", "progress_bar_wanted"]
+
+
+def progress_bar_wanted(accelerator, stream=None) -> bool:
+    """Whether to draw the step bar: on the main process, and only when ``stream`` (default
+    ``sys.stderr``, where tqdm writes) is a terminal. Redirected to a log file, a bar is a
+    carriage-return redraw per step, thousands of them on one line."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(accelerator.is_local_main_process and isatty is not None and isatty())
 
 
 def make_accelerator(args):
@@ -348,7 +357,7 @@ class Trainer:
         )
         clock = Clock(state)
         progress = tqdm(total=schedule.max_train_steps, initial=state.global_step, desc="steps",
-                        disable=not accelerator.is_local_main_process)
+                        disable=not progress_bar_wanted(accelerator))
         stop_reason = f"reached max_train_steps ({schedule.max_train_steps})"
         for epoch, batch_index, batch in batches(accelerator, self.data, self.dataloader, schedule, state.global_step, args):
             if state.global_step >= schedule.max_train_steps:
