@@ -32,6 +32,7 @@ import numpy as np
 from qid2_diffusers import QID2Upsampler
 from qid2_diffusers.data.io import DWI, load_dwi
 from qid2_diffusers.data.series import WorkingSeries, read_series
+from qid2_diffusers.denoise import DEFAULT_DENOISE, DENOISERS
 from qid2_diffusers.directions import angular_distance, nearest_references, normalize_bvecs
 from qid2_diffusers.errors import QID2InputError, QID2InputWarning
 from qid2_diffusers.evaluation import tensor_metrics
@@ -467,7 +468,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         images = [None if fa[k] is None else to_image(fa[k].fa[:, :, 0], 1.0) for k in ("before", "after", "truth")]
         return (*images, text)
 
-    def on_volume(session, r, scheduler, steps, seed, samples, shells=ALL_SHELLS, adapt_steps=None,
+    def on_volume(session, r, scheduler, steps, seed, samples, shells=ALL_SHELLS, adapt_steps=None, denoise=None,
                   progress=gr.Progress(track_tqdm=True)):
         if session is None:
             raise gr.Error("Load a series or the phantom example first.")
@@ -478,7 +479,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                 result = upsample_dwi(dwi, session.target_bvecs, pipe, mask=session.series.stored_mask,
                                       shells=None if shells in (None, ALL_SHELLS) else [_bvalue(shells)],
                                       num_inference_steps=int(steps), num_samples=int(samples), seed=int(seed),
-                                      adapt_steps=None if adapt_steps is None else int(adapt_steps))
+                                      adapt_steps=None if adapt_steps is None else int(adapt_steps),
+                                      denoise=denoise)
         except QID2InputError as exc:
             raise _error(exc) from None
         prefix = Path(session.workdir) / f"{Path(session.dwi_path).name.split('.')[0]}_upsampled"
@@ -522,6 +524,8 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                                             label="Shells to up-sample (download)")
                 adapt = gr.Slider(0, 500, value=default_adapt, step=10, elem_id="adapt-steps",
                                   label="Adaptation steps on this scan before up-sampling (download; 0: off)")
+                denoise = gr.Dropdown(choices=list(DENOISERS), value=DEFAULT_DENOISE, elem_id="denoise",
+                                      label="Denoise the input first (download; none: it arrives denoised)")
                 volume_btn = gr.Button("Up-sample the whole series (download)")
             with gr.Column(scale=2):
                 references = gr.Gallery(label="Reference slices (acquired)", columns=3, rows=1, height=300,
@@ -552,7 +556,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
         )
         fa_btn.click(on_fa, [session, z, r, scheduler, steps, seed], [fa_before, fa_after, fa_truth, fa_info],
                      api_name="fa")
-        volume_btn.click(on_volume, [session, r, scheduler, steps, seed, samples, volume_shells, adapt], download,
+        volume_btn.click(on_volume, [session, r, scheduler, steps, seed, samples, volume_shells, adapt, denoise], download,
                          api_name="volume")
     return blocks
 

@@ -14,7 +14,11 @@ runs::
 
 For phantoms the ratio is taken against the noise-free truth (``--reference
 truth``, the default) or against the full acquisition (``acquired``); for
-real scans there is no truth, so always against the full acquisition.
+real scans there is no truth: against the full acquisition, and, where the run
+scored it (``qid2 benchmark --real``), against the MP-PCA-denoised full
+acquisition too (a column ``CASE (vs denoised)``). ``--baseline mppca+dti``
+divides by MP-PCA + DTI-predict instead (the practitioner's denoise-then-fit):
+below 1, a method beats it.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ def _labels(results: dict) -> dict:
     return {m["key"]: m["label"] for m in results["methods"] if m.get("status", "ok") == "ok"}
 
 
-def phantom_ratios(results: dict, reference: str = "truth") -> dict:
-    """Method label -> mean FA MAE over subjects / DTI-predict's, against ``reference``."""
+def phantom_ratios(results: dict, reference: str = "truth", baseline: str = BASELINE) -> dict:
+    """Method label -> mean FA MAE over subjects / ``baseline``'s, against ``reference``."""
     labels = _labels(results)
     subjects = results["per_subject"].values()
 
@@ -46,18 +50,29 @@ def phantom_ratios(results: dict, reference: str = "truth") -> dict:
         values = [s[key][reference]["fa_mae"] for s in subjects if key in s and reference in s[key]]
         return sum(values) / len(values) if values else None
 
-    base = mean(BASELINE)
+    base = mean(baseline)
     return {label: mean(key) / base for key, label in labels.items() if mean(key) is not None and base}
 
 
-def real_ratios(results: dict) -> dict:
-    """(case, method label) -> FA MAE / DTI-predict's on that case."""
+def real_ratios(results: dict, baseline: str = BASELINE) -> dict:
+    """(column, method label) -> FA MAE / ``baseline``'s on that case: columns ``CASE`` (against the full
+    acquisition) and ``CASE (vs denoised)`` (against its MP-PCA-denoised version, where scored)."""
     labels = _labels(results)
-    return {(case, labels[key]): value for case, row in results["fa_ratio"]["ratio"].items()
-            for key, value in row.items() if key in labels and value is not None}
+    out = {}
+    sections = [("", results["fa_ratio"]["ratio"]), (" (vs denoised)", results.get("fa_ratio_denoised") or {})]
+    for suffix, ratios in sections:
+        for case, row in ratios.items():
+            base = row.get(baseline)
+            if not base:
+                continue
+            for key, value in row.items():
+                if key in labels and value is not None:
+                    out[(f"{case}{suffix}", labels[key])] = value / base  # both are ratios to DTI-predict
+    return out
 
 
-def decision_table(phantoms: list[tuple[str, dict]], real: dict | list[dict] | None, reference: str = "truth") -> str:
+def decision_table(phantoms: list[tuple[str, dict]], real: dict | list[dict] | None, reference: str = "truth",
+                   baseline: str = BASELINE) -> str:
     """Markdown table, one column per phantom label and real case; runs given the same label
     (say, the paper model and the new one, benchmarked separately on the same subjects) share a column."""
     columns, cells = [], {}
@@ -65,10 +80,10 @@ def decision_table(phantoms: list[tuple[str, dict]], real: dict | list[dict] | N
         column = f"{name} (vs {reference})"
         if column not in columns:
             columns.append(column)
-        for label, ratio in phantom_ratios(results, reference).items():
+        for label, ratio in phantom_ratios(results, reference, baseline).items():
             cells[(label, column)] = ratio
     for results in [real] if isinstance(real, dict) else real or []:
-        for (case, label), ratio in real_ratios(results).items():
+        for (case, label), ratio in real_ratios(results, baseline).items():
             if case not in columns:
                 columns.append(case)
             cells[(label, case)] = ratio
@@ -89,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--real", nargs="*", default=[], metavar="DIR", help="qid2 benchmark --real runs")
     p.add_argument("--reference", choices=["truth", "acquired"], default="truth",
                    help="what phantom FA errors are measured against (default: truth)")
+    p.add_argument("--baseline", default=BASELINE, metavar="KEY",
+                   help="the denominator's method key, e.g. mppca+dti (default: dti, DTI-predict)")
     p.add_argument("--out", metavar="FILE.md", help="also write the table here")
     args = p.parse_args(argv)
     phantoms = []
@@ -97,7 +114,7 @@ def main(argv=None) -> int:
         if not sep:
             p.error(f"expected LABEL=DIR, got {item!r}")
         phantoms.append((label, _load(folder)))
-    table = decision_table(phantoms, [_load(folder) for folder in args.real], args.reference)
+    table = decision_table(phantoms, [_load(folder) for folder in args.real], args.reference, args.baseline)
     print(table)
     if args.out:
         from qid2_diffusers.data.io import atomic_write

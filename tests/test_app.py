@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -238,6 +239,13 @@ def test_api_multishell_upload_previews_one_shell_and_downloads_every_shell(serv
     files = client.predict(3, "ddim", 1, 0, 1, "700", api_name="/volume")
     out_bvals = np.loadtxt(next(f for f in files if f.endswith(".bval")))
     assert len(out_bvals) > 102 and set(out_bvals[102:]) == {700.0}
+    # The download follows the engine: MP-PCA first by default, the series as uploaded with "none".
+    source = np.asarray(nib.load(real_data_dir / "msmt.nii.gz").dataobj)
+    denoised = np.asarray(nib.load(next(f for f in files if f.endswith(".nii.gz"))).dataobj)[..., :102]
+    files = client.predict(3, "ddim", 1, 0, 1, "700", 0, "none", api_name="/volume")
+    as_given = np.asarray(nib.load(next(f for f in files if f.endswith(".nii.gz"))).dataobj)[..., :102]
+    np.testing.assert_array_equal(as_given, source)
+    assert not np.array_equal(denoised, source)
 
 
 def test_shell_choices_follow_the_loaded_series(real_data_dir, tmp_path):

@@ -52,3 +52,21 @@ def test_runs_with_one_label_share_a_column_and_ratios_are_to_dti(tmp_path, caps
     assert table.phantom_ratios(json.loads((new / "results.json").read_text()), "acquired")["QID² new"] == pytest.approx(
         (0.025 + 0.04) / (0.03 + 0.05))
     assert capsys.readouterr().out.startswith("| method |")
+
+
+def test_ratios_to_denoise_then_fit_and_the_denoised_reference(tmp_path):
+    table = _module()
+    run = _phantom_run(tmp_path / "p", {"qid2": ("QID²", 0.018), "dti": ("DTI-predict", 0.027),
+                                        "mppca+dti": ("MP-PCA + DTI-predict", 0.016)})
+    real = {"methods": [{"key": k, "label": v} for k, v in (("qid2", "QID²"), ("dti", "DTI-predict"),
+                                                            ("mppca+dti", "MP-PCA + DTI-predict"))],
+            "fa_ratio": {"ratio": {"mdt-b1000": {"qid2": 0.9, "dti": 1.0, "mppca+dti": 0.8}}},
+            "fa_ratio_denoised": {"mdt-b1000": {"qid2": 0.95, "dti": 1.0, "mppca+dti": 0.76}}}
+    text = table.decision_table([("b=1000", json.loads((run / "results.json").read_text()))], real,
+                                baseline="mppca+dti")
+    lines = text.splitlines()
+    assert lines[0] == "| method | b=1000 (vs truth) | mdt-b1000 | mdt-b1000 (vs denoised) |"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert rows["QID²"] == ["1.125", "1.125", "1.250 |"]  # 0.018 / 0.016, 0.9 / 0.8, 0.95 / 0.76
+    assert rows["MP-PCA + DTI-predict"] == ["1.000", "1.000", "1.000 |"]
+    assert rows["DTI-predict"][0] == "1.688"

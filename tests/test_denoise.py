@@ -44,6 +44,11 @@ def test_plan_picks_cubes_then_in_plane_patches_then_nothing():
     tiny = plan_denoising((6, 8, 9, 28), bvals[:28])  # the real b=3000 crop: no grid two patches wide
     assert tiny.method == "none" and tiny.fell_back and len(tiny.volumes) == 0
     assert tiny.note.startswith("not denoised") and "6x8x9" in tiny.note and "\n" not in tiny.note
+    # A single b0 is denoised with the rest (benchmarks/results/denoise/rules.txt: it helped every real case);
+    # a thin single-b0 series gets in-plane patches, said in its note.
+    one_b0 = plan_denoising((15, 15, 2, 18), np.r_[0.0, np.full(17, 2800.0)])
+    assert one_b0.method == "mppca" and 0 in one_b0.volumes and one_b0.patch_radius == (2, 2, 0)
+    assert "in-plane 5x5x1" in one_b0.note
     none = plan_denoising((40, 40, 20, 48), bvals, "none")
     assert none.method == "none" and not none.fell_back
     usable = np.ones(48, dtype=bool)

@@ -284,7 +284,7 @@ def test_benchmark_end_to_end_on_a_phantom(phantom_data, tmp_path, tiny_model_di
 
 def test_benchmark_rejects_bad_options(phantom_data, tmp_path, capsys):
     argv = ["benchmark", "--data", str(phantom_data), "--out", str(tmp_path / "o"), "--no-progress"]
-    _one_line_error(capsys, main(argv + ["--methods", "interp,sh5"]), "unknown method(s) sh5")
+    _one_line_error(capsys, main(argv + ["--methods", "interp,sh5"]), "unknown method 'sh5'")
     _one_line_error(capsys, main(argv + ["--methods", "interp", "--subjects", "2"]), "1 subjects found")
     _one_line_error(capsys, main(argv + ["--methods", "interp", "--subject-ids", "phantom-9"]), "phantom-9 not found")
     assert not (tmp_path / "o").exists()

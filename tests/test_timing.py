@@ -105,10 +105,13 @@ def test_cli_prints_the_timings_on_one_line(crop, one_step_prior_model, tmp_path
     plain = capsys.readouterr().out.strip().splitlines()
     assert main([*args, "--timings"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(plain) == 1 and len(lines) == 2 and lines[0].startswith("qid2 upsample: 12 targets")
-    stages = dict(part.rsplit(" ", 2)[:2] for part in lines[1].removeprefix("timings: ").split("; ")[0].split(", "))
-    assert set(stages) == {s.replace("_", " ") for s in STAGES} - {"adaptation"}
-    total = float(lines[1].rsplit("total ", 1)[1].removesuffix(" s"))
+    # The summary, what was done to the input and the residual kept, then the timings.
+    assert len(plain) == 2 and len(lines) == 3 and lines[0].startswith("qid2 upsample: 12 targets")
+    assert lines[1].startswith("qid2 upsample: input not denoised: MP-PCA needs") and "residual" in lines[1]
+    stages = dict(part.rsplit(" ", 2)[:2] for part in lines[2].removeprefix("timings: ").split("; ")[0].split(", "))
+    # Every stage: the residual weight's leave-one-out predictions are the adaptation stage.
+    assert set(stages) == {s.replace("_", " ") for s in STAGES}
+    total = float(lines[2].rsplit("total ", 1)[1].removesuffix(" s"))
     assert total == pytest.approx(sum(float(v) for v in stages.values()), abs=0.01 * len(stages))
 
 

@@ -34,9 +34,12 @@ def test_real_crop_keeps_every_input_volume_and_appends_targets(crop, tmp_path, 
     assert _upsample(crop, tmp_path / "out" / "up", tiny_model_dir, "--targets", str(tmp_path / "targets.bvec")) == 0
     captured = capsys.readouterr()
     warning = [line for line in captured.err.splitlines() if "warning" in line]
-    assert len(warning) == 1 and "trained at b=1000" in warning[0] and "b=3000" in warning[0]
+    # The crop is too small for MP-PCA (the default denoiser): said once, and the input kept as it is.
+    assert len(warning) == 2 and "trained at b=1000" in warning[1] and "b=3000" in warning[1]
+    assert "not denoised: MP-PCA needs patches" in warning[0] and "6x8x9" in warning[0]
     summary = captured.out.strip().splitlines()
-    assert len(summary) == 1 and "5 targets" in summary[0] and "on cpu" in summary[0]
+    assert len(summary) == 2 and "5 targets" in summary[0] and "on cpu" in summary[0]
+    assert summary[1].startswith("qid2 upsample: input not denoised")
 
     src = nib.load(crop["nii.gz"])
     out = nib.load(tmp_path / "out" / "up.nii.gz")
@@ -172,14 +175,20 @@ def test_example_recovers_truth_for_the_tensor_fits(tmp_path, tiny_model_dir, ca
     report = run_example(tmp_path, model=tiny_model_dir, scheduler="ddim", steps=1, slab=2, progress=False)
     printed = capsys.readouterr().out
     assert "FA MAE" in printed and "QID²" in printed and "tensor fit on the 30 acquired" in printed
+    assert "MP-PCA + tensor fit on the 30" in printed and "QID²'s input denoised 48 volumes" in printed
     fa = report["fa"]
-    # Known truth: the 90-direction fit beats the 30-direction one, and both are close.
+    # Known truth: the 90-direction fit beats the 30-direction one, and both are close; denoising first
+    # beats the plain fit.
     assert fa["all 90 acquired (reference)"]["fa_mae"] < fa["tensor fit on the 30 acquired"]["fa_mae"] < 0.1
+    assert fa["MP-PCA + tensor fit on the 30"]["fa_mae"] < fa["tensor fit on the 30 acquired"]["fa_mae"]
     assert np.isfinite(fa["QID² (b0 + 30 + 60 synthesised)"]["fa_mae"])
     up = nib.load(tmp_path / f"{EXAMPLE_PREFIX}_upsampled.nii.gz")
     given = nib.load(tmp_path / f"{EXAMPLE_PREFIX}_input.nii.gz")
     assert given.shape == (72, 87, 2, 18 + 30) and up.shape == (72, 87, 2, 18 + 30 + 60)
-    np.testing.assert_array_equal(np.asarray(up.dataobj)[..., :48], np.asarray(given.dataobj))
+    # The output's acquired volumes are the denoised ones (MP-PCA, the default), on the same grid.
+    written, acquired = np.asarray(up.dataobj)[..., :48], np.asarray(given.dataobj)
+    assert not np.array_equal(written, acquired)
+    assert np.abs(written - acquired).mean() < 0.2 * np.abs(acquired).mean()
     # The example's targets are exactly what --scheme hcp90 gives for its input.
     bvals, bvecs = np.loadtxt(tmp_path / f"{EXAMPLE_PREFIX}_input.bval"), np.loadtxt(tmp_path / f"{EXAMPLE_PREFIX}_input.bvec").T
     np.testing.assert_allclose(np.loadtxt(tmp_path / f"{EXAMPLE_PREFIX}_upsampled.bvec").T[48:],

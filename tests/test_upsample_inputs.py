@@ -35,9 +35,10 @@ def write(folder, data, bvals, bvecs, affine, targets=None):
 
 
 def upsample(path, model, *extra):
+    # Input handling is tested on the series as read: not denoised (tests/test_denoise.py covers that stage).
     out = path.parent / "out" / "up"
     code = main(["upsample", "--dwi", str(path), "--out", str(out), "--model", str(model), *STEPS,
-                 "--targets", str(path.parent / "targets.bvec"), *extra])
+                 "--targets", str(path.parent / "targets.bvec"), "--denoise", "none", *extra])
     return code, out
 
 
@@ -60,7 +61,8 @@ def test_nan_bvecs_on_b0_volumes_are_accepted_as_in_dipys_own_data(tmp_path, tin
     np.savetxt(tmp_path / "targets.bvec", uniform_directions(3, seed=1).T)
     out = tmp_path / "up"
     assert main(["upsample", "--dwi", dwi_path, "--bvals", bval_path, "--bvecs", bvec_path, "--out", str(out),
-                 "--targets", str(tmp_path / "targets.bvec"), "--model", str(tiny_model_dir), *STEPS]) == 0
+                 "--targets", str(tmp_path / "targets.bvec"), "--model", str(tiny_model_dir), "--denoise", "none",
+                 *STEPS]) == 0
     lines, printed = messages(capsys)
     assert lines == [] and "3 targets synthesised" in printed and "(65 + 3 volumes)" in printed
     data, bvals, bvecs = read(out)

@@ -335,8 +335,9 @@ def _with_adaptation(rows, adapt_steps) -> list[dict]:
 
 
 def _with_weights(rows, weights) -> list[dict]:
-    """Each QID² row once per residual weight (the first keeps the row's name, the others get ``-wW``)."""
-    from ..pipelines.upsampler_qid2 import check_residual_weight
+    """Each QID² row once per residual weight; the default (``auto``) keeps the row's name, others get ``-wW``
+    and ", residual weight W" in the label, so a label means one setting across runs."""
+    from ..pipelines.upsampler_qid2 import DEFAULT_RESIDUAL_WEIGHT, check_residual_weight
 
     if not weights:
         return rows
@@ -349,8 +350,8 @@ def _with_weights(rows, weights) -> list[dict]:
         if row["method"] != "qid2":
             out.append(row)
             continue
-        for k, w in enumerate(weights):
-            out.append({**row, "residual_weight": w} if k == 0 else
+        for w in weights:
+            out.append({**row, "residual_weight": w} if w == DEFAULT_RESIDUAL_WEIGHT else
                        {**row, "key": f"{row['key']}-w{w}", "label": f"{row['label']}, residual weight {w}",
                         "residual_weight": w})
     return out

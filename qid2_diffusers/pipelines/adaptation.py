@@ -30,7 +30,7 @@ from ..tensor import TensorPrior
 from ..upsampling import brain_bounding_box, brain_slices
 from .training_utils import QID2Denoiser, diffusion_loss, random_crops
 
-__all__ = ["adapt_pipeline", "leave_one_out_examples", "residual_weight", "ADAPTATION_DEFAULTS", "GATE_DEFAULTS"]
+__all__ = ["adapt_pipeline", "leave_one_out_examples", "residual_weight", "least_squares_weight", "ADAPTATION_DEFAULTS", "GATE_DEFAULTS"]
 
 #: Settings of the adaptation loop: those of the shipped training config
 #: (Adam betas, gradient clipping, crops, timestep bias) at a fine-tuning
@@ -229,6 +229,12 @@ def residual_weight(pipeline, data, bvals, bvecs, mask, *, seed: int = 0, num_in
         residual.append(out - prior)
         error.append(examples["target"][rows, 0].numpy() - prior)
         weights.append(examples["mask"][rows, 0].numpy())
-    r, e, m = (np.concatenate(v).astype(np.float64) for v in (residual, error, weights))
+    return least_squares_weight(*(np.concatenate(v) for v in (residual, error, weights)))
+
+
+def least_squares_weight(residual, error, mask) -> float:
+    """``w`` in [0, 1] minimising ``sum(mask * (error - w * residual)^2)``; 1 when the residual is zero
+    (nothing to weigh: the network's output is the prior)."""
+    r, e, m = (np.asarray(v, dtype=np.float64) for v in (residual, error, mask))
     power = float(np.sum(m * r * r))
     return float(np.clip(np.sum(m * r * e) / power, 0.0, 1.0)) if power > 0 else 1.0
