@@ -251,10 +251,14 @@ class SliceUpsampler(VolumeUpsampler):
                 target_bvals=np.full(len(batch), target_b),
                 reference_bvals=shell_b[refs[t_idx]],
             )
-            with timed(timings, "sampling"):
-                images, images_std = self.predict_batch(**inputs)
             w = self.applied_residual_weight
-            if prior is not None and w != 1.0:
+            if prior is not None and w == 0.0:
+                # None of the network's residual is kept: the answer is the prior's, exactly, without a pass.
+                images, images_std = inputs["prior_images"], None
+            else:
+                with timed(timings, "sampling"):
+                    images, images_std = self.predict_batch(**inputs)
+            if prior is not None and 0.0 < w < 1.0:
                 prior_batch = inputs["prior_images"]
                 images = prior_batch + np.float32(w) * (images - prior_batch)
                 images_std = None if images_std is None else np.float32(w) * images_std
@@ -264,6 +268,7 @@ class SliceUpsampler(VolumeUpsampler):
                 if return_std and images_std is not None:
                     std[bx, by, z, t] = np.where(m, images_std[i], 0.0)
             bar.update(len(batch))
+        timings.setdefault("sampling", 0.0)  # none when no network pass was needed (residual weight 0)
         timings["batching"] = (time.perf_counter() - loop_start - timings.get("sampling", 0.0)
                                - timings.get("prior_predict", 0.0))
         bar.close()

@@ -84,6 +84,7 @@ def test_voxels_outside_the_brain_box_are_kept_as_acquired(phantom):
     assert not changed[:23].any() and not changed[47:].any() and not changed[:, :23].any()
 
 
+@pytest.mark.slow  # ~25 s: two MP-PCA implementations on a 10-slice phantom
 @pytest.mark.skipif(shutil.which("dwidenoise") is None, reason="MRtrix3 is installed by scripts/setup.sh --test")
 def test_dipy_mppca_agrees_with_mrtrix_dwidenoise(phantom):
     dipy = denoise_series(phantom["dwi"], phantom["bvals"], "mppca", mask=phantom["mask"])

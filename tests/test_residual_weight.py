@@ -50,6 +50,7 @@ def test_the_output_is_the_prior_plus_the_weighted_residual(scan, tiny_prior_mod
     # Weight 0 is the tensor fit's prediction (DTI-predict) exactly; the network's output is weight 1.
     np.testing.assert_allclose(out[0.0], DTIUpsampler().predict(data, bvals, bvecs, targets, mask), rtol=1e-5,
                                atol=1e-3)
+    assert run[0.0].timings["sampling"] == 0.0 and run[1.0].timings["sampling"] > 0  # weight 0: no network pass
     w = run["auto"].applied_residual_weight
     assert 0.0 <= w <= 1.0 and run[1.0].applied_residual_weight == 1.0
     np.testing.assert_allclose(out["auto"], out[0.0] + np.float32(w) * (out[1.0] - out[0.0]), rtol=1e-4,
