@@ -41,17 +41,23 @@ def _labels(results: dict) -> dict:
     return {m["key"]: m["label"] for m in results["methods"] if m.get("status", "ok") == "ok"}
 
 
-def phantom_ratios(results: dict, reference: str = "truth", baseline: str = BASELINE) -> dict:
-    """Method label -> mean FA MAE over subjects / ``baseline``'s, against ``reference``."""
-    labels = _labels(results)
+def phantom_means(results: dict, reference: str = "truth") -> dict:
+    """Method key -> mean FA MAE over subjects against ``reference``."""
     subjects = results["per_subject"].values()
-
-    def mean(key):
+    means = {}
+    for key in _labels(results):
         values = [s[key][reference]["fa_mae"] for s in subjects if key in s and reference in s[key]]
-        return sum(values) / len(values) if values else None
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
 
-    base = mean(baseline)
-    return {label: mean(key) / base for key, label in labels.items() if mean(key) is not None and base}
+
+def phantom_ratios(results: dict, reference: str = "truth", baseline: str = BASELINE, base: float | None = None) -> dict:
+    """Method label -> mean FA MAE over subjects / ``baseline``'s, against ``reference``; ``base``, the
+    baseline's mean from another run on the same subjects, serves a run without that method."""
+    labels, means = _labels(results), phantom_means(results, reference)
+    base = means.get(baseline, base)
+    return {labels[key]: value / base for key, value in means.items() if base}
 
 
 def real_ratios(results: dict, baseline: str = BASELINE) -> dict:
@@ -75,12 +81,15 @@ def decision_table(phantoms: list[tuple[str, dict]], real: dict | list[dict] | N
                    baseline: str = BASELINE) -> str:
     """Markdown table, one column per phantom label and real case; runs given the same label
     (say, the paper model and the new one, benchmarked separately on the same subjects) share a column."""
-    columns, cells = [], {}
+    columns, cells, bases = [], {}, {}
+    for name, results in phantoms:  # runs sharing a label score the same subjects: one baseline serves them
+        if baseline in phantom_means(results, reference):
+            bases.setdefault(name, phantom_means(results, reference)[baseline])
     for name, results in phantoms:
         column = f"{name} (vs {reference})"
         if column not in columns:
             columns.append(column)
-        for label, ratio in phantom_ratios(results, reference, baseline).items():
+        for label, ratio in phantom_ratios(results, reference, baseline, bases.get(name)).items():
             cells[(label, column)] = ratio
     for results in [real] if isinstance(real, dict) else real or []:
         for (case, label), ratio in real_ratios(results, baseline).items():
@@ -93,7 +102,8 @@ def decision_table(phantoms: list[tuple[str, dict]], real: dict | list[dict] | N
         shown = []
         for column in columns:
             value = cells.get((label, column))
-            shown.append("–" if value is None else (f"**{value:.3f}**" if value < 1 else f"{value:.3f}"))
+            # Bold where it reads below 1 at the digits shown (0.9997 is a tie, not a win).
+            shown.append("–" if value is None else (f"**{value:.3f}**" if round(value, 3) < 1 else f"{value:.3f}"))
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
 

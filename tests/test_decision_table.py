@@ -62,7 +62,9 @@ def test_ratios_to_denoise_then_fit_and_the_denoised_reference(tmp_path):
                                                             ("mppca+dti", "MP-PCA + DTI-predict"))],
             "fa_ratio": {"ratio": {"mdt-b1000": {"qid2": 0.9, "dti": 1.0, "mppca+dti": 0.8}}},
             "fa_ratio_denoised": {"mdt-b1000": {"qid2": 0.95, "dti": 1.0, "mppca+dti": 0.76}}}
-    text = table.decision_table([("b=1000", json.loads((run / "results.json").read_text()))], real,
+    raw = _phantom_run(tmp_path / "raw", {"qid2": ("QID² raw", 0.024)})  # no baseline of its own: the column's
+    text = table.decision_table([("b=1000", json.loads((run / "results.json").read_text())),
+                                 ("b=1000", json.loads((raw / "results.json").read_text()))], real,
                                 baseline="mppca+dti")
     lines = text.splitlines()
     assert lines[0] == "| method | b=1000 (vs truth) | mdt-b1000 | mdt-b1000 (vs denoised) |"
@@ -70,3 +72,4 @@ def test_ratios_to_denoise_then_fit_and_the_denoised_reference(tmp_path):
     assert rows["QID²"] == ["1.125", "1.125", "1.250 |"]  # 0.018 / 0.016, 0.9 / 0.8, 0.95 / 0.76
     assert rows["MP-PCA + DTI-predict"] == ["1.000", "1.000", "1.000 |"]
     assert rows["DTI-predict"][0] == "1.688"
+    assert rows["QID² raw"] == ["1.500", "–", "– |"]  # 0.024 / 0.016
