@@ -222,6 +222,7 @@ def test_browser_runs_the_example(served, tmp_path):
         shutil.copyfile(shot, os.environ["QID2_SCREENSHOT"])
 
 
+@pytest.mark.slow  # ~35 s: three volume downloads of the 102-volume real series
 def test_api_multishell_upload_previews_one_shell_and_downloads_every_shell(served, real_data_dir):
     from gradio_client import Client, handle_file
 

@@ -78,6 +78,7 @@ def test_one_shell_with_shell_gives_that_shells_volumes(msmt, every_shell, tmp_p
     np.testing.assert_allclose(data[..., N_IN:], all_data[..., at_1200], rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow  # ~30 s: three shells denoised and up-sampled again
 def test_a_model_trained_at_one_b_warns_once_per_other_shell(msmt, tmp_path, tiny_model_dir, capsys):
     assert upsample(msmt, tmp_path / "up", tiny_model_dir, "--shell", "700", "--shell", "2800") == 0
     captured = capsys.readouterr()
