@@ -130,7 +130,7 @@ def plan_denoising(shape, bvals, method: str = "mppca", *, usable=None, b0_thres
     if cube is not None:
         radius = (cube, cube, cube)
         return DenoisePlan("mppca", method, radius, volumes,
-                           f"denoised {n} volumes of {what} with MP-PCA (dipy, {_extent(radius)} patches)")
+                           f"denoised {n} volumes of {what} with MP-PCA ({_extent(radius)} patches)")
     flat = next((r for r in range(MIN_PATCH_RADIUS, MAX_PATCH_RADIUS + 1)
                  if _patch_voxels((r, r, 0)) > n and 2 * (2 * r + 1) <= min(x, y)), None)
     if flat is not None:
