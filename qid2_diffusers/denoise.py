@@ -23,7 +23,6 @@ or not (``python benchmarks/denoise_rules.py``, ``benchmarks/results/denoise/rul
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ import numpy as np
 
 from .gradients import B0_THRESHOLD
 
-__all__ = ["DENOISERS", "DEFAULT_DENOISE", "DenoisePlan", "DenoiseResult", "plan_denoising", "denoise_box", "denoise_series",
-           "dwidenoise_available"]
+__all__ = ["DENOISERS", "DEFAULT_DENOISE", "DenoisePlan", "DenoiseResult", "plan_denoising", "denoise_box",
+           "denoise_series"]
 
 #: ``--denoise`` choices: dipy's MP-PCA, dipy's Patch2Self (OLS), or none.
 DENOISERS = ("mppca", "patch2self", "none")
@@ -89,8 +88,12 @@ class DenoiseResult:
     sigma: np.ndarray | None = None
 
 
-def _patch_voxels(radius) -> int:
-    return int(np.prod([2 * r + 1 for r in radius]))
+def _smallest_radius(n_volumes: int, extents, in_plane: bool) -> int | None:
+    """The smallest patch radius whose patch (a cube, or a square in-plane) holds more voxels than
+    ``n_volumes`` and fits twice along each of ``extents``; `None` when none does."""
+    dims = 2 if in_plane else 3
+    return next((r for r in range(MIN_PATCH_RADIUS, MAX_PATCH_RADIUS + 1)
+                 if (2 * r + 1) ** dims > n_volumes and 2 * (2 * r + 1) <= min(extents)), None)
 
 
 def plan_denoising(shape, bvals, method: str = "mppca", *, usable=None, b0_threshold: float = B0_THRESHOLD,
@@ -125,14 +128,12 @@ def plan_denoising(shape, bvals, method: str = "mppca", *, usable=None, b0_thres
         return DenoisePlan("patch2self", method, None, volumes,
                            f"denoised {n} volumes of {what} with Patch2Self (dipy, OLS)")
     x, y, z = (int(s) for s in shape[:3])
-    cube = next((r for r in range(MIN_PATCH_RADIUS, MAX_PATCH_RADIUS + 1)
-                 if _patch_voxels((r, r, r)) > n and 2 * (2 * r + 1) <= min(x, y, z)), None)
+    cube = _smallest_radius(n, (x, y, z), in_plane=False)
     if cube is not None:
         radius = (cube, cube, cube)
         return DenoisePlan("mppca", method, radius, volumes,
                            f"denoised {n} volumes of {what} with MP-PCA ({_extent(radius)} patches)")
-    flat = next((r for r in range(MIN_PATCH_RADIUS, MAX_PATCH_RADIUS + 1)
-                 if _patch_voxels((r, r, 0)) > n and 2 * (2 * r + 1) <= min(x, y)), None)
+    flat = _smallest_radius(n, (x, y), in_plane=True)
     if flat is not None:
         radius = (flat, flat, 0)
         return DenoisePlan("mppca", method, radius, volumes,
@@ -145,11 +146,6 @@ def plan_denoising(shape, bvals, method: str = "mppca", *, usable=None, b0_thres
 
 def _extent(radius) -> str:
     return "x".join(str(2 * r + 1) for r in radius)
-
-
-def dwidenoise_available() -> bool:
-    """Whether MRtrix3's ``dwidenoise`` is on the PATH."""
-    return shutil.which("dwidenoise") is not None
 
 
 def _mppca(block, radius, backend):
@@ -202,7 +198,7 @@ def denoise_series(data, bvals, method: str = "mppca", *, mask=None, usable=None
         usable (`array-like` of `bool`, *optional*): volumes holding signal (empty ones are never denoised).
         b0_threshold (`float`, *optional*): b0 cut-off.
         backend (`str`, *optional*, defaults to `"dipy"`): MP-PCA by ``"dipy"`` or MRtrix3's
-            ``"dwidenoise"`` (:func:`dwidenoise_available`).
+            ``"dwidenoise"`` (on the PATH).
         what (`str`, *optional*): how the plan's note names the series.
         out (`np.ndarray`, *optional*): write the denoised volumes into this array (may be ``data`` itself);
             by default a float32 copy of ``data`` is made.

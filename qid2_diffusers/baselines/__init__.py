@@ -24,6 +24,7 @@ __all__ = [
     "DENOISED_METHODS",
     "MissingWeightsError",
     "split_method",
+    "denoiser_label",
     "make_upsampler",
     "method_label",
     "uses_references",
@@ -40,6 +41,11 @@ METHODS = ("qid2", "cgan", "qgan", "interp", "dti", "sh2", "sh4", "sh6")
 DENOISED_METHODS = ("mppca+dti", "mppca+sh2", "mppca+sh4", "patch2self+dti")
 
 _DENOISER_LABELS = {"mppca": "MP-PCA", "patch2self": "Patch2Self"}
+
+
+def denoiser_label(denoiser: str) -> str:
+    """Display name of a denoiser: ``"mppca"`` -> ``"MP-PCA"``."""
+    return _DENOISER_LABELS[denoiser]
 
 
 def split_method(name: str) -> tuple[str | None, str]:
@@ -70,7 +76,7 @@ def method_label(name: str, num_references: int | None = None) -> str:
     ``"MP-PCA + DTI-predict"``."""
     denoiser, name = split_method(name)
     if denoiser is not None:
-        return f"{_DENOISER_LABELS[denoiser]} + {method_label(name, num_references)}"
+        return f"{denoiser_label(denoiser)} + {method_label(name, num_references)}"
     base = {"qid2": "QID²", "cgan": "cGAN", "qgan": "qGAN", "interp": "Interp", "dti": "DTI-predict"}
     if name.startswith("sh"):
         return f"SH (order {name[2:]})"

@@ -33,6 +33,7 @@ from ..baselines import (
     DENOISED_METHODS,
     METHODS,
     MissingWeightsError,
+    denoiser_label,
     make_upsampler,
     method_label,
     split_method,
@@ -361,8 +362,8 @@ def _denoised(rows, denoiser) -> list[dict]:
     """``rows`` preceded by ``denoiser`` (e.g. ``mppca``): key ``mppca+KEY``, label ``MP-PCA + LABEL``."""
     if denoiser is None:
         return rows
-    prefix = method_label(f"{denoiser}+dti").removesuffix(method_label("dti"))
-    return [{**row, "key": f"{denoiser}+{row['key']}", "label": f"{prefix}{row['label']}", "denoise": denoiser}
+    return [{**row, "key": f"{denoiser}+{row['key']}", "label": f"{denoiser_label(denoiser)} + {row['label']}",
+             "denoise": denoiser}
             for row in rows]
 
 
@@ -375,8 +376,10 @@ def _with_denoising(rows, denoisers) -> list[dict]:
     unknown = [d for d in denoisers if d not in DENOISERS]
     if unknown:
         raise QID2InputError(None, f"unknown denoiser(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}")
-    return [new for row in rows for d in dict.fromkeys(denoisers)
-            for new in ([row] if d == "none" or row.get("denoise") else _denoised([row], d))]
+    # A method named with its denoiser (mppca+dti) keeps it; the others run once per denoiser.
+    return [new for row in rows
+            for new in ([row] if row.get("denoise") else
+                        [r for d in dict.fromkeys(denoisers) for r in ([row] if d == "none" else _denoised([row], d))])]
 
 
 def _labelled_qid2_rows(models) -> list[dict]:
