@@ -32,7 +32,7 @@ import numpy as np
 from qid2_diffusers import QID2Upsampler
 from qid2_diffusers.data.io import DWI, load_dwi
 from qid2_diffusers.data.series import WorkingSeries, read_series
-from qid2_diffusers.denoise import DEFAULT_DENOISE, DENOISERS
+from qid2_diffusers.denoise import DEFAULT_DENOISE, available_denoisers
 from qid2_diffusers.directions import angular_distance, nearest_references, normalize_bvecs
 from qid2_diffusers.errors import QID2InputError, QID2InputWarning
 from qid2_diffusers.evaluation import tensor_metrics
@@ -524,7 +524,7 @@ def build_demo(model: str | None = None) -> gr.Blocks:
                                             label="Shells to up-sample (download)")
                 adapt = gr.Slider(0, 500, value=default_adapt, step=10, elem_id="adapt-steps",
                                   label="Adaptation steps on this scan before up-sampling (download; 0: off)")
-                denoise = gr.Dropdown(choices=list(DENOISERS), value=DEFAULT_DENOISE, elem_id="denoise",
+                denoise = gr.Dropdown(choices=list(available_denoisers()), value=DEFAULT_DENOISE, elem_id="denoise",
                                       label="Denoise the input first (download; none: it arrives denoised)")
                 volume_btn = gr.Button("Up-sample the whole series (download)")
             with gr.Column(scale=2):

@@ -3,6 +3,7 @@
     python benchmarks/bench_bound.py                                   # 1 and 2 threads, HCP-grid crop
     python benchmarks/bench_bound.py --threads 1 --stages cpu.json     # + a run's stages against the bound
     python benchmarks/bench_bound.py --profile                         # + where one network pass spends its time
+    python benchmarks/bench_bound.py --attention coarse                # the network with coarse-only cross-attention
 
 Measured with torch, fp32, at each thread count (``torch.set_num_threads``):
 
@@ -38,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qid2_diffusers import build_pipeline
 from qid2_diffusers.evaluation.report import write_json
+from qid2_diffusers.models.unet import ATTENTION, unet_forward
 from qid2_diffusers.timing import STAGES
 
 
@@ -52,9 +54,11 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def stand_in_network():
-    """The U-Net and direction encoder of the model being trained to ship (random weights: speed does not depend on them)."""
-    return build_pipeline("small", 3, physics_prior=True, bval_conditioning=True, default_num_inference_steps=1)
+def stand_in_network(attention: str = "every"):
+    """The U-Net and direction encoder of the model being trained to ship (random weights: speed does not depend on
+    them), with direction tokens attended to at ``attention`` levels (:data:`~qid2_diffusers.models.unet.ATTENTION`)."""
+    return build_pipeline("small", 3, physics_prior=True, bval_conditioning=True, default_num_inference_steps=1,
+                          attention=attention)
 
 
 def network_pass(pipe, batch: int, size: tuple[int, int]):
@@ -67,7 +71,7 @@ def network_pass(pipe, batch: int, size: tuple[int, int]):
                                     torch.full((batch,), 1000.0), torch.full((batch, r), 1000.0))
 
     def run():
-        return pipe.unet(x, t, encoder_hidden_states=tokens).sample
+        return unet_forward(pipe.unet, x, t, tokens)
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         run()
@@ -110,12 +114,12 @@ def conv_gflops(layer: dict, batch: int, repeats: int) -> float:
     return layer["flops"] * batch / seconds / 1e9
 
 
-def measure(threads: int, size, batches, repeats: int) -> dict:
+def measure(threads: int, size, batches, repeats: int, attention: str = "every") -> dict:
     """Every figure at one thread count."""
     torch.set_num_threads(threads)
-    pipe = stand_in_network()
+    pipe = stand_in_network(attention)
     layer = costliest_conv(pipe, size)
-    row = dict(threads=threads, matmul_gflops=matmul_gflops(2048, repeats), conv_layer=layer,
+    row = dict(threads=threads, attention=attention, matmul_gflops=matmul_gflops(2048, repeats), conv_layer=layer,
                conv_gflops={}, network={})
     for batch in batches:
         row["conv_gflops"][batch] = conv_gflops(layer, batch, repeats)
@@ -164,12 +168,12 @@ def stage_table(stages: dict, rows: dict[int, dict]) -> list[dict]:
     return table
 
 
-def profile_pass(size, batch: int, threads: int) -> None:
+def profile_pass(size, batch: int, threads: int, attention: str = "every") -> None:
     """Self CPU time per operator over a few passes: what a pass spends outside its convolutions."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
-    run, _ = network_pass(stand_in_network(), batch, size)
+    run, _ = network_pass(stand_in_network(attention), batch, size)
     with torch.inference_mode():
         run()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -188,6 +192,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stages", help="JSON of benchmarks/bench_gpu_volume.py: print its stages against the bound")
     ap.add_argument("--profile", action="store_true", help="also print the operators of a pass at batch 1")
+    ap.add_argument("--attention", default="every", choices=ATTENTION,
+                    help="the stand-in network's cross-attention levels (qid2_diffusers.models.unet.ATTENTION)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
@@ -196,14 +202,14 @@ def main():
           f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, crop {size[0]}x{size[1]}, fp32")
     rows = {}
     for threads in (int(t) for t in args.threads.split(",")):
-        rows[threads] = measure(threads, size, batches, args.repeats)
+        rows[threads] = measure(threads, size, batches, args.repeats, args.attention)
         print_row(rows[threads])
     result = dict(size=list(size), rows=list(rows.values()))
     if args.stages:
         with open(args.stages) as f:
             result["stages"] = stage_table(json.load(f), rows)
     if args.profile:
-        profile_pass(size, 1, min(rows))
+        profile_pass(size, 1, min(rows), args.attention)
     if args.json:
         write_json(args.json, result)
 

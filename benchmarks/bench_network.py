@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qid2_diffusers import build_pipeline
 from qid2_diffusers.evaluation.report import write_json
+from qid2_diffusers.models.unet import unet_forward
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,7 +44,7 @@ def one_pass(pipe, batch, size, device, dtype, channels_last=False, unet=None):
     tokens = pipe.direction_encoder(torch.randn(batch, 3, generator=generator).to(device),
                                     torch.randn(batch, r, 3, generator=generator).to(device), **bvals).to(dtype)
     unet = unet if unet is not None else pipe.unet
-    return lambda: unet(x, t, encoder_hidden_states=tokens).sample
+    return lambda: unet_forward(unet, x, t, tokens)
 
 
 def main():

@@ -21,14 +21,16 @@ def build_pipeline(
     *,
     physics_prior: bool = False,
     bval_conditioning: bool = False,
+    attention: str = "every",
 ) -> QID2Pipeline:
     """A randomly initialised pipeline; ``seed`` makes the initial weights reproducible.
 
-    ``physics_prior`` and ``bval_conditioning`` off is the paper's configuration.
+    ``physics_prior`` and ``bval_conditioning`` off, ``attention="every"``, is the paper's configuration
+    (``attention``: :data:`~qid2_diffusers.models.unet.ATTENTION`).
     """
     if seed is not None:
         torch.manual_seed(seed)
-    unet = build_unet(preset, num_references, physics_prior=physics_prior)
+    unet = build_unet(preset, num_references, physics_prior=physics_prior, attention=attention)
     encoder = DirectionEncoder(num_references=num_references, embed_dim=PRESETS[preset]["cross_attention_dim"],
                                bval_conditioning=bval_conditioning)
     return QID2Pipeline(

@@ -23,6 +23,7 @@ or not (``python benchmarks/denoise_rules.py``, ``benchmarks/results/denoise/rul
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -32,11 +33,14 @@ import numpy as np
 
 from .gradients import B0_THRESHOLD
 
-__all__ = ["DENOISERS", "DEFAULT_DENOISE", "DenoisePlan", "DenoiseResult", "plan_denoising", "denoise_box",
-           "denoise_series"]
+__all__ = ["DENOISERS", "DEFAULT_DENOISE", "DenoisePlan", "DenoiseResult", "available_denoisers", "plan_denoising",
+           "denoise_box", "patch_centres", "denoise_series"]
 
-#: ``--denoise`` choices: dipy's MP-PCA, dipy's Patch2Self (OLS), or none.
-DENOISERS = ("mppca", "patch2self", "none")
+#: ``--denoise`` choices: MP-PCA by dipy, MP-PCA by MRtrix3's ``dwidenoise`` (C++, threaded; on the PATH), dipy's
+#: Patch2Self (OLS), or none. Both MP-PCAs use the same patches (:func:`plan_denoising`) and estimator.
+DENOISERS = ("mppca", "dwidenoise", "patch2self", "none")
+#: The denoisers that are MP-PCA.
+MPPCA = ("mppca", "dwidenoise")
 
 #: The engine's default (``qid2 upsample``, the example, the demo, ``--cohort``), chosen on the
 #: validation phantoms (BENCHMARK.md, "Denoise then up-sample").
@@ -46,6 +50,9 @@ DEFAULT_DENOISE = "mppca"
 MIN_PATCH_RADIUS = 2
 #: Largest patch radius tried: past this, patches mix tissues (15 voxels across is 37 mm at 2.5 mm).
 MAX_PATCH_RADIUS = 7
+#: dipy's MP-PCA is split over processes only when each gets at least this many patch centres: below it,
+#: starting a process (importing dipy) costs more than it saves.
+MIN_VOXELS_PER_WORKER = 20_000
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class DenoisePlan:
     """What :func:`denoise_series` does to one series.
 
     Args:
-        method (`str`): ``"mppca"``, ``"patch2self"`` or ``"none"`` (what will run, after any fallback).
+        method (`str`): one of :data:`DENOISERS` (what will run, after any fallback).
         requested (`str`): the method asked for.
         patch_radius (`tuple` of 3 `int`, *optional*): MP-PCA's patch radius per axis (0 along z: in-plane patches).
         volumes (`np.ndarray` of `int`): the volumes denoised (the others are kept as acquired).
@@ -96,6 +103,24 @@ def _smallest_radius(n_volumes: int, extents, in_plane: bool) -> int | None:
                  if (2 * r + 1) ** dims > n_volumes and 2 * (2 * r + 1) <= min(extents)), None)
 
 
+def available_denoisers() -> tuple[str, ...]:
+    """:data:`DENOISERS` that can run here (``dwidenoise`` only with MRtrix3 on the PATH)."""
+    return tuple(d for d in DENOISERS if d != "dwidenoise" or shutil.which("dwidenoise"))
+
+
+def check_denoiser(method: str) -> None:
+    """Raise a one-line error for a denoiser that cannot run here.
+
+    Raises:
+        ValueError: an unknown method, or ``dwidenoise`` without MRtrix3 on the PATH.
+    """
+    if method not in DENOISERS:
+        raise ValueError(f"unknown denoiser {method!r}; choose from {', '.join(DENOISERS)}")
+    if method not in available_denoisers():
+        raise ValueError("--denoise dwidenoise needs MRtrix3's dwidenoise on the PATH (e.g. conda install -c mrtrix3 "
+                         "mrtrix3, or scripts/setup.sh --test); --denoise mppca is the same method in dipy")
+
+
 def plan_denoising(shape, bvals, method: str = "mppca", *, usable=None, b0_threshold: float = B0_THRESHOLD,
                    what: str = "the series") -> DenoisePlan:
     """Choose what denoising can do for a series of ``shape`` ``(X, Y, Z, N)``.
@@ -128,16 +153,17 @@ def plan_denoising(shape, bvals, method: str = "mppca", *, usable=None, b0_thres
         return DenoisePlan("patch2self", method, None, volumes,
                            f"denoised {n} volumes of {what} with Patch2Self (dipy, OLS)")
     x, y, z = (int(s) for s in shape[:3])
+    name = "MP-PCA" if method == "mppca" else "MP-PCA (MRtrix3 dwidenoise)"
     cube = _smallest_radius(n, (x, y, z), in_plane=False)
     if cube is not None:
         radius = (cube, cube, cube)
-        return DenoisePlan("mppca", method, radius, volumes,
-                           f"denoised {n} volumes of {what} with MP-PCA ({_extent(radius)} patches)")
+        return DenoisePlan(method, method, radius, volumes,
+                           f"denoised {n} volumes of {what} with {name} ({_extent(radius)} patches)")
     flat = _smallest_radius(n, (x, y), in_plane=True)
     if flat is not None:
         radius = (flat, flat, 0)
-        return DenoisePlan("mppca", method, radius, volumes,
-                           f"denoised {n} volumes of {what} with MP-PCA on in-plane {_extent(radius)} patches: "
+        return DenoisePlan(method, method, radius, volumes,
+                           f"denoised {n} volumes of {what} with {name} on in-plane {_extent(radius)} patches: "
                            f"its {z} slice(s) are too few for 3-D patches with more voxels than volumes")
     return DenoisePlan("none", method, None, volumes[:0],
                        f"not denoised: MP-PCA needs patches with more voxels than the {n} volumes and a grid two "
@@ -148,24 +174,80 @@ def _extent(radius) -> str:
     return "x".join(str(2 * r + 1) for r in radius)
 
 
-def _mppca(block, radius, backend):
-    """``(denoised, sigma)`` of a 4-D block with dipy, or with MRtrix3's dwidenoise (C++, threaded), told to
-    use Veraart et al.'s original noise cut-off (``Exp1``), the one dipy implements, not its default ``Exp2``."""
-    if backend == "dipy":
-        from dipy.denoise.localpca import mppca
+def patch_centres(mask, radius) -> np.ndarray:
+    """The voxels MP-PCA centres a patch on: the brain mask widened by the patch radius along each axis.
 
-        den, sigma = mppca(block, patch_radius=np.asarray(radius), return_sigma=True, suppress_warning=True)
-        return den.astype(np.float32), sigma.astype(np.float32)
-    import nibabel as nib
+    A voxel's denoised value is the weighted mean of every patch that holds it, so centring patches on
+    this set (not on the whole box) gives every brain voxel exactly the value a whole-box run gives it,
+    at the cost of the brain and a rim only (a third of the HCP-grid box is outside it)."""
+    from scipy.ndimage import binary_dilation
 
-    with tempfile.TemporaryDirectory(prefix="qid2-dwidenoise-") as tmp:
-        tmp = Path(tmp)
-        nib.save(nib.Nifti1Image(block.astype(np.float32), np.eye(4)), tmp / "in.nii")
-        extent = ",".join(str(2 * r + 1) for r in radius)
-        subprocess.run(["dwidenoise", str(tmp / "in.nii"), str(tmp / "out.nii"), "-noise", str(tmp / "sigma.nii"),
-                        "-extent", extent, "-estimator", "Exp1", "-quiet", "-force"], check=True, capture_output=True)
-        den = np.asarray(nib.load(tmp / "out.nii").dataobj, dtype=np.float32)
-        sigma = np.asarray(nib.load(tmp / "sigma.nii").dataobj, dtype=np.float32)
+    structure = np.ones(tuple(2 * r + 1 for r in radius), dtype=bool)
+    return binary_dilation(np.asarray(mask, dtype=bool), structure=structure)
+
+
+def _z_chunks(n_slices: int, radius: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous slice ranges covering ``n_slices``, each at least ``2 * radius + 1`` thick."""
+    parts = max(1, min(parts, n_slices // (2 * radius + 1)))
+    edges = np.linspace(0, n_slices, parts + 1).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def _dipy_mppca_part(block, centres, radius):
+    """dipy's MP-PCA of one block (one worker's share), one BLAS thread: the workers are the parallelism."""
+    from dipy.denoise.localpca import mppca
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), np.errstate(invalid="ignore"):
+        return mppca(block, mask=centres, patch_radius=np.asarray(radius), return_sigma=True, suppress_warning=True)
+
+
+def _dipy_mppca(block, centres, radius, workers: int):
+    """dipy's MP-PCA of ``block``, split along z over ``workers`` processes (dipy's loop is pure Python,
+    so one core each). Each worker gets its slices plus ``2 r`` on either side, so the patches centred
+    within ``r`` of its slices are all its own and every voxel it returns equals a single run's."""
+    r = int(radius[2])
+    chunks = _z_chunks(block.shape[2], r, workers) if int(centres.sum()) >= MIN_VOXELS_PER_WORKER * 2 else [(0, 0)]
+    if len(chunks) == 1:
+        return _dipy_mppca_part(block, centres, radius)
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    spans = [(max(0, z0 - 2 * r), min(block.shape[2], z1 + 2 * r)) for z0, z1 in chunks]
+    den = np.empty(block.shape, dtype=np.float32)
+    sigma = np.empty(block.shape[:3], dtype=np.float32)
+    # spawn, not fork: the engine's process holds torch's OpenMP pool, which a forked child can deadlock on.
+    with ProcessPoolExecutor(len(chunks), mp_context=get_context("spawn")) as pool:
+        jobs = [pool.submit(_dipy_mppca_part, block[:, :, s0:s1], centres[:, :, s0:s1], radius) for s0, s1 in spans]
+        for (z0, z1), (s0, _), job in zip(chunks, spans, jobs):
+            part_den, part_sigma = job.result()
+            den[:, :, z0:z1] = part_den[:, :, z0 - s0: z1 - s0]
+            sigma[:, :, z0:z1] = part_sigma[:, :, z0 - s0: z1 - s0]
+    return den, sigma
+
+
+def _mppca(block, radius, method, centres, workers: int = 1):
+    """``(denoised, sigma)`` of a 4-D block, patches centred on ``centres`` only, with dipy, or with MRtrix3's
+    dwidenoise (C++, threaded), told to use Veraart et al.'s original noise cut-off (``Exp1``), the one dipy
+    implements, not its default ``Exp2``. Voxels outside ``centres`` come back as NaN."""
+    if method == "mppca":
+        den, sigma = _dipy_mppca(block, centres, radius, workers)
+        den, sigma = den.astype(np.float32), sigma.astype(np.float32)
+    else:
+        import nibabel as nib
+
+        with tempfile.TemporaryDirectory(prefix="qid2-dwidenoise-") as tmp:
+            tmp = Path(tmp)
+            nib.save(nib.Nifti1Image(block.astype(np.float32), np.eye(4)), tmp / "in.nii")
+            nib.save(nib.Nifti1Image(centres.astype(np.uint8), np.eye(4)), tmp / "mask.nii")
+            extent = ",".join(str(2 * r + 1) for r in radius)
+            subprocess.run(["dwidenoise", str(tmp / "in.nii"), str(tmp / "out.nii"), "-noise", str(tmp / "sigma.nii"),
+                            "-mask", str(tmp / "mask.nii"), "-extent", extent, "-estimator", "Exp1",
+                            "-nthreads", str(workers), "-quiet", "-force"], check=True, capture_output=True)
+            den = np.asarray(nib.load(tmp / "out.nii").dataobj, dtype=np.float32)
+            sigma = np.asarray(nib.load(tmp / "sigma.nii").dataobj, dtype=np.float32)
+    den[~centres] = np.nan
+    sigma[~centres] = np.nan
     return den, sigma
 
 
@@ -183,12 +265,15 @@ def denoise_box(mask, margin: int = MAX_PATCH_RADIUS) -> tuple[slice, slice, sli
 
 
 def denoise_series(data, bvals, method: str = "mppca", *, mask=None, usable=None, b0_threshold: float = B0_THRESHOLD,
-                   backend: str = "dipy", what: str = "the series", out=None) -> DenoiseResult:
+                   workers: int | None = None, what: str = "the series", out=None) -> DenoiseResult:
     """Denoise the volumes of a DWI series (b0s and every shell together, as ``dwidenoise`` does).
 
     Only :func:`denoise_box` is denoised, and :func:`plan_denoising` plans on
     its shape; voxels outside it are kept as acquired: they are never
     up-sampled, and denoising them would cost most of the time on a whole-head grid.
+    MP-PCA centres its patches on the mask widened by the patch radius
+    (:func:`patch_centres`): brain voxels get exactly a whole-box run's values,
+    voxels outside that rim are kept as acquired.
 
     Args:
         data (`array-like` of shape `(X, Y, Z, N)`): the series, axial slices along the third axis.
@@ -197,8 +282,8 @@ def denoise_series(data, bvals, method: str = "mppca", *, mask=None, usable=None
         mask (`np.ndarray` of shape `(X, Y, Z)`, *optional*): brain mask; defaults to the whole grid.
         usable (`array-like` of `bool`, *optional*): volumes holding signal (empty ones are never denoised).
         b0_threshold (`float`, *optional*): b0 cut-off.
-        backend (`str`, *optional*, defaults to `"dipy"`): MP-PCA by ``"dipy"`` or MRtrix3's
-            ``"dwidenoise"`` (on the PATH).
+        workers (`int`, *optional*): processes for dipy's MP-PCA, threads for dwidenoise; defaults to
+            :func:`~qid2_diffusers.threads.cpu_workers` (``OMP_NUM_THREADS``, else every CPU).
         what (`str`, *optional*): how the plan's note names the series.
         out (`np.ndarray`, *optional*): write the denoised volumes into this array (may be ``data`` itself);
             by default a float32 copy of ``data`` is made.
@@ -206,8 +291,10 @@ def denoise_series(data, bvals, method: str = "mppca", *, mask=None, usable=None
     Returns:
         [`DenoiseResult`]; its ``plan.note`` is the one line to show the user.
     """
+    check_denoiser(method)
     shape = tuple(np.shape(data))
-    box = denoise_box(np.ones(shape[:3], dtype=bool) if mask is None else mask)
+    mask = np.ones(shape[:3], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    box = denoise_box(mask)
     box_shape = tuple(s.stop - s.start for s in box) + shape[3:]
     plan = plan_denoising(box_shape, bvals, method, usable=usable, b0_threshold=b0_threshold, what=what)
     result = np.array(data, dtype=np.float32, copy=True) if out is None else out
@@ -215,10 +302,15 @@ def denoise_series(data, bvals, method: str = "mppca", *, mask=None, usable=None
         return DenoiseResult(result, plan)
     block = np.asarray(data[box], dtype=np.float32)[..., plan.volumes]
     sigma = None
-    if plan.method == "mppca":
-        den, box_sigma = _mppca(block, plan.patch_radius, backend)
+    if plan.method in MPPCA:
+        from .threads import cpu_workers
+
+        den, box_sigma = _mppca(block, plan.patch_radius, plan.method, patch_centres(mask[box], plan.patch_radius),
+                                cpu_workers() if workers is None else workers)
+        # Outside the patches' reach: kept as acquired, noise level unknown (0).
+        den = np.where(np.isfinite(den), den, block)
         sigma = np.zeros(shape[:3], dtype=np.float32)
-        sigma[box] = box_sigma
+        sigma[box] = np.nan_to_num(box_sigma, nan=0.0)
     else:
         from dipy.denoise.patch2self import patch2self
 

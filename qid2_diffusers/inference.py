@@ -430,7 +430,8 @@ def upsample_dwi(
             defaults to the model's ``default_adapt_steps``. The time spent is
             in the result's ``adaptation_seconds``.
         denoise (`str`, *optional*): denoise the input volumes first, b0s and every shell together
-            (:func:`~qid2_diffusers.denoise.denoise_series`): ``"mppca"``, ``"patch2self"`` or ``"none"``;
+            (:func:`~qid2_diffusers.denoise.denoise_series`): ``"mppca"``, ``"dwidenoise"``, ``"patch2self"``
+            or ``"none"``;
             defaults to :data:`~qid2_diffusers.denoise.DEFAULT_DENOISE`. The output's input volumes are
             then the denoised ones, and the tensor prior and the references are taken from them. Where
             the requested method cannot work on this grid, the plan says what was done instead, in one
@@ -460,6 +461,13 @@ def upsample_dwi(
 
     start_time, timings = time.perf_counter(), {}
     main = state is None or state.is_main_process
+    if denoise is not None:
+        from .denoise import check_denoiser
+
+        try:  # before the series is read: an unknown denoiser or a missing dwidenoise is known now
+            check_denoiser(denoise)
+        except ValueError as exc:
+            raise QID2InputError(None, str(exc)) from None
     if shells is not None:
         # Checked before the series is read: a missing shell is known from the b-values alone.
         shells = sorted({shell_label(dwi.bvals, float(b), b0_threshold=dwi.b0_threshold, path=dwi.path)

@@ -85,8 +85,10 @@ def test_upsampler_adapts_per_scan_reproducibly(scan):
     pipe = build_pipeline("tiny", 3, "sample", seed=0, physics_prior=True, bval_conditioning=True)
     pipe.set_progress_bar_config(disable=True)
     targets = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
-    plain = QID2Upsampler(pipe, progress=False, num_inference_steps=1).predict(data, bvals, bvecs, targets, mask)
-    ups = [QID2Upsampler(pipe, progress=False, num_inference_steps=1, adapt_steps=5,
+    # The network's correction kept whole: with "auto" a random network's is dropped and both are the prior.
+    plain = QID2Upsampler(pipe, progress=False, num_inference_steps=1, residual_weight=1).predict(
+        data, bvals, bvecs, targets, mask)
+    ups = [QID2Upsampler(pipe, progress=False, num_inference_steps=1, adapt_steps=5, residual_weight=1,
                          adapt_settings={"learning_rate": 1e-3})
            for _ in range(2)]
     a, b = (u.predict(data, bvals, bvecs, targets, mask) for u in ups)

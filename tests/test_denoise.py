@@ -59,7 +59,22 @@ def test_plan_picks_cubes_then_in_plane_patches_then_nothing():
     assert 3 not in plan_denoising((40, 40, 20, 48), bvals, usable=usable).volumes
     with pytest.raises(ValueError, match="unknown denoiser"):
         plan_denoising((40, 40, 20, 48), bvals, "nlmeans")
-    assert set(DENOISERS) == {"mppca", "patch2self", "none"}
+    assert set(DENOISERS) == {"mppca", "dwidenoise", "patch2self", "none"}
+    assert plan_denoising((40, 40, 20, 48), bvals, "dwidenoise").patch_radius == (2, 2, 2)  # the same patches
+
+
+def test_dwidenoise_without_mrtrix_is_a_one_line_error(monkeypatch, tmp_path):
+    import qid2_diffusers.denoise as denoise
+    from qid2_diffusers.errors import QID2InputError
+    from qid2_diffusers.inference import upsample_dwi
+
+    monkeypatch.setattr(denoise.shutil, "which", lambda name: None)
+    assert "dwidenoise" not in denoise.available_denoisers() and "mppca" in denoise.available_denoisers()
+    with pytest.raises(ValueError, match="needs MRtrix3's dwidenoise on the PATH"):
+        denoise_series(np.ones((12, 12, 12, 20), np.float32), np.r_[0.0, np.full(19, 1000.0)], "dwidenoise")
+    with pytest.raises(QID2InputError, match="needs MRtrix3's dwidenoise") as info:
+        upsample_dwi(None, None, None, denoise="dwidenoise")  # said before the series is touched
+    assert "\n" not in str(info.value)
 
 
 def test_mppca_lowers_the_fa_error_against_the_truth(phantom):
@@ -91,11 +106,36 @@ def test_voxels_outside_the_brain_box_are_kept_as_acquired(phantom):
     assert not changed[:8].any() and not changed[32:].any() and not changed[:, :8].any() and not changed[:, 32:].any()
 
 
+def test_mppca_on_the_brain_and_in_parallel_gives_the_whole_box_values(phantom, monkeypatch):
+    """Patches centred on the mask (widened by the radius) and split over worker processes along z: every
+    brain voxel gets exactly what one dipy run over the whole box gives it; voxels out of reach stay as acquired."""
+    from dipy.denoise.localpca import mppca
+
+    import qid2_diffusers.denoise as denoise
+
+    data, m = phantom["dwi"], phantom["mask"].copy()
+    m[:, :, :3] = False  # a brain that leaves some of the grid beyond the patches' reach
+    m[:6] = False
+    whole = mppca(data, patch_radius=2, return_sigma=True, suppress_warning=True)
+    monkeypatch.setattr(denoise, "MIN_VOXELS_PER_WORKER", 100)  # this small grid split over 2 processes
+    split = denoise.denoise_series(data, phantom["bvals"], "mppca", mask=m, workers=2)
+    assert split.plan.patch_radius == (2, 2, 2)
+    np.testing.assert_allclose(split.data[m], whole[0][m], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(split.sigma[m], whole[1][m], rtol=1e-5, atol=1e-3)
+    reach = denoise.patch_centres(m, (2, 2, 2))
+    assert reach[:, :, 0].sum() == 0 and reach[:, :, 1].any()  # widened by 2 slices, no further
+    np.testing.assert_array_equal(split.data[~reach], data[~reach])
+    assert (split.sigma[~reach] == 0).all()
+    one = denoise.denoise_series(data, phantom["bvals"], "mppca", mask=m, workers=1)
+    np.testing.assert_array_equal(one.data, split.data)
+
+
 @pytest.mark.slow  # two MP-PCA implementations, one of them a subprocess
 @pytest.mark.skipif(shutil.which("dwidenoise") is None, reason="MRtrix3 is installed by scripts/setup.sh --test")
 def test_dipy_mppca_agrees_with_mrtrix_dwidenoise(phantom):
     dipy = denoise_series(phantom["dwi"], phantom["bvals"], "mppca", mask=phantom["mask"])
-    mrtrix = denoise_series(phantom["dwi"], phantom["bvals"], "mppca", mask=phantom["mask"], backend="dwidenoise")
+    mrtrix = denoise_series(phantom["dwi"], phantom["bvals"], "dwidenoise", mask=phantom["mask"])
+    assert mrtrix.plan.method == "dwidenoise" and "MRtrix3 dwidenoise" in mrtrix.plan.note
     m = phantom["mask"]
     # Same estimator (Veraart 2016, dwidenoise -estimator Exp1), two implementations: dipy averages the
     # overlapping patches' estimates of a voxel, dwidenoise keeps each patch's centre. Images agree within

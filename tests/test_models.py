@@ -71,3 +71,31 @@ def test_encoder_round_trip(tmp_path):
     assert again.config.num_references == 6
     t, r = torch.randn(2, 3), torch.randn(2, 6, 3)
     torch.testing.assert_close(enc(t, r), again(t, r), rtol=0, atol=0)
+
+
+def test_coarse_attention_keeps_the_condition_at_every_level(tmp_path):
+    """``attention="coarse"``: no transformer blocks at full resolution, the direction tokens projected into the
+    time embedding, so every block still sees them; saved and reloaded by diffusers' own config."""
+    from diffusers import UNet2DConditionModel
+
+    from qid2_diffusers.models.unet import attention_of, unet_forward
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 3, physics_prior=True, attention="coarse").eval()
+    assert not hasattr(unet.down_blocks[0], "attentions") and not hasattr(unet.up_blocks[-1], "attentions")
+    assert all(len(b.attentions) for b in list(unet.down_blocks[1:]) + list(unet.up_blocks[:-1]))
+    assert attention_of(unet) == "coarse" and attention_of(build_unet("tiny", 3)) == "every"
+    tokens = DirectionEncoder(num_references=3, embed_dim=unet.config.cross_attention_dim)(torch.randn(1, 3),
+                                                                                          torch.randn(1, 3, 3))
+    x, t = torch.randn(1, 6, 16, 16), torch.tensor([999])
+    with torch.no_grad():
+        out = unet_forward(unet, x, t, tokens)
+        # The tokens through the time embedding alone (cross-attention context unchanged) change the output.
+        moved = unet(x, t, encoder_hidden_states=tokens, class_labels=(tokens + 1).flatten(1)).sample
+    assert out.shape == (1, 1, 16, 16) and (moved - out).abs().max() > 1e-4
+    unet.save_pretrained(tmp_path)
+    again = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unet_forward(again, x, t, tokens), out)
+    with pytest.raises(ValueError, match="unknown attention"):
+        unet_config("tiny", 3, attention="none")

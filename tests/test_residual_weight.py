@@ -23,6 +23,22 @@ def test_least_squares_weight_recovers_a_known_share_and_clips():
     assert least_squares_weight(r, e, outside) == pytest.approx(0.5)
 
 
+def test_a_weight_within_the_noise_of_the_left_out_directions_is_dropped():
+    rng = np.random.default_rng(1)
+    r = rng.normal(size=(48, 16, 16))
+    mask = np.ones_like(r)
+    groups = np.repeat(np.arange(12), 4)  # 12 left-out directions x 4 slices
+    # Each direction's error holds a share of the residual that varies from direction to direction
+    # (0.03 on average, +-0.15: jackknife standard error 0.045).
+    share = np.repeat(0.03 + 0.15 * np.tile([1.0, -1.0], 6), 4)[:, None, None]
+    noisy = share * r + 0.05 * rng.normal(size=r.shape)
+    plain = least_squares_weight(r, noisy, mask)
+    assert 0 < plain < 0.1  # a small weight the directions disagree on...
+    assert least_squares_weight(r, noisy, mask, groups=groups) == 0.0  # ...is not kept
+    steady = 0.3 * r + 0.05 * rng.normal(size=r.shape)  # the same share in every direction: kept
+    assert least_squares_weight(r, steady, mask, groups=groups) == pytest.approx(0.3, abs=0.01)
+
+
 def test_check_residual_weight():
     assert check_residual_weight(None) == "auto" and check_residual_weight("0.25") == 0.25
     for bad in ("1.5", "-0.1", "half"):

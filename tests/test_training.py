@@ -78,11 +78,12 @@ def test_masked_loss_ignores_background_and_unmasked_does_not():
     assert loss(changed, False) > 10 * loss(batch, False)
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
-def test_loss_decreases_on_a_fixed_batch(prediction_type):
+@pytest.mark.parametrize("prediction_type,attention", [("v_prediction", "every"), ("epsilon", "every"),
+                                                       ("v_prediction", "coarse")])
+def test_loss_decreases_on_a_fixed_batch(prediction_type, attention):
     from qid2_diffusers import build_pipeline
 
-    pipe = build_pipeline("tiny", 3, prediction_type, seed=0)
+    pipe = build_pipeline("tiny", 3, prediction_type, seed=0, attention=attention)
     model = QID2Denoiser(pipe.unet, pipe.direction_encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = _batch(h=12, w=14)
@@ -319,7 +320,8 @@ def test_entry_script_runs_from_another_folder_with_the_shipped_config(training_
     # Nothing of the checkout is in the working folder: the config and the card template come from the package.
     run = subprocess.run(
         _script("train_qid2.py", "--config", "tiny", "--data_dir", str(training_cohort), "--output_dir", "out",
-                "--max_train_steps", "2", "--num_validation_subjects", "0", "--validation_steps", "0"),
+                "--max_train_steps", "2", "--num_validation_subjects", "0", "--validation_steps", "0",
+                "--attention", "coarse"),
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -331,6 +333,11 @@ def test_entry_script_runs_from_another_folder_with_the_shipped_config(training_
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n") and "python training/train_qid2.py --config tiny" in card
     assert "No held-out subject: no validation figures." in card and (out / "model_index.json").is_file()
+    # --attention coarse: said in the card, and the saved network is that design.
+    from qid2_diffusers import QID2Pipeline
+    from qid2_diffusers.models.unet import attention_of
+
+    assert "at half resolution and below" in card and attention_of(QID2Pipeline.from_pretrained(out).unet) == "coarse"
     # The data folder lies outside the working folder: the card's data line names it, not where this machine
     # keeps it (the command line stays as typed).
     assert summary["data_description"].endswith(f"subject(s) from `{training_cohort.name}`")

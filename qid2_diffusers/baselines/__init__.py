@@ -40,7 +40,7 @@ METHODS = ("qid2", "cgan", "qgan", "interp", "dti", "sh2", "sh4", "sh6")
 #: listed by default on real scans.
 DENOISED_METHODS = ("mppca+dti", "mppca+sh2", "mppca+sh4", "patch2self+dti")
 
-_DENOISER_LABELS = {"mppca": "MP-PCA", "patch2self": "Patch2Self"}
+_DENOISER_LABELS = {"mppca": "MP-PCA", "dwidenoise": "dwidenoise", "patch2self": "Patch2Self"}
 
 
 def denoiser_label(denoiser: str) -> str:

@@ -35,8 +35,9 @@ def add_model_arguments(p) -> None:
                         "(each left out and predicted from the others); 0 turns it off (default: the model's "
                         "default_adapt_steps)")
     g.add_argument("--denoise", choices=DENOISERS, default=None,
-                   help="denoise the input volumes first, b0s and every shell together: mppca (dipy's MP-PCA, "
-                        "as MRtrix3 dwidenoise), patch2self, or none for a scan that arrives denoised; the output's "
+                   help="denoise the input volumes first, b0s and every shell together: mppca (dipy's MP-PCA), "
+                        "dwidenoise (the same method by MRtrix3, on the PATH: faster, a slightly higher FA error "
+                        "here), patch2self, or none for a scan that arrives denoised; the output's "
                         f"input volumes are then the denoised ones (default: {DEFAULT_DENOISE})")
     g.add_argument("--residual-weight", default=None, metavar="auto|W",
                    help="how much of the network's correction to the tensor fit to keep: auto chooses it per shell "

@@ -369,13 +369,15 @@ def _denoised(rows, denoiser) -> list[dict]:
 
 def _with_denoising(rows, denoisers) -> list[dict]:
     """Each row once per denoiser of ``--denoise`` (``none``: as it is)."""
-    from ..denoise import DENOISERS
+    from ..denoise import check_denoiser
 
     if not denoisers:
         return rows
-    unknown = [d for d in denoisers if d not in DENOISERS]
-    if unknown:
-        raise QID2InputError(None, f"unknown denoiser(s) {', '.join(unknown)}; choose from {', '.join(DENOISERS)}")
+    for denoiser in denoisers:
+        try:
+            check_denoiser(denoiser)
+        except ValueError as exc:
+            raise QID2InputError(None, str(exc)) from None
     # A method named with its denoiser (mppca+dti) keeps it; the others run once per denoiser.
     return [new for row in rows
             for new in ([row] if row.get("denoise") else

@@ -30,7 +30,8 @@ from ..tensor import TensorPrior
 from ..upsampling import brain_bounding_box, brain_slices
 from .training_utils import QID2Denoiser, diffusion_loss, random_crops
 
-__all__ = ["adapt_pipeline", "leave_one_out_examples", "residual_weight", "least_squares_weight", "ADAPTATION_DEFAULTS", "GATE_DEFAULTS"]
+__all__ = ["adapt_pipeline", "leave_one_out_examples", "residual_weight", "least_squares_weight", "ADAPTATION_DEFAULTS", "GATE_DEFAULTS",
+           "WEIGHT_SIGNIFICANCE"]
 
 #: Settings of the adaptation loop: those of the shipped training config
 #: (Adam betas, gradient clipping, crops, timestep bias) at a fine-tuning
@@ -229,12 +230,38 @@ def residual_weight(pipeline, data, bvals, bvecs, mask, *, seed: int = 0, num_in
         residual.append(out - prior)
         error.append(examples["target"][rows, 0].numpy() - prior)
         weights.append(examples["mask"][rows, 0].numpy())
-    return least_squares_weight(*(np.concatenate(v) for v in (residual, error, weights)))
+    # Examples come direction by direction (every slice of one left-out direction, then the next): the
+    # directions are the independent units of the jackknife.
+    directions = examples["target_bvec"].numpy()
+    groups = np.r_[0, np.cumsum(np.any(directions[1:] != directions[:-1], axis=1))]
+    return least_squares_weight(*(np.concatenate(v) for v in (residual, error, weights)), groups=groups)
 
 
-def least_squares_weight(residual, error, mask) -> float:
+#: A residual weight is kept only when it exceeds this many jackknife standard errors (over the left-out
+#: directions): a weight that noise alone could give is set to 0, and the network's passes are skipped.
+WEIGHT_SIGNIFICANCE = 2.0
+
+
+def least_squares_weight(residual, error, mask, groups=None) -> float:
     """``w`` in [0, 1] minimising ``sum(mask * (error - w * residual)^2)``; 1 when the residual is zero
-    (nothing to weigh: the network's output is the prior)."""
+    (nothing to weigh: the network's output is the prior).
+
+    With ``groups`` (one label per example, e.g. its left-out direction), ``w`` is set to 0 unless it is
+    above :data:`WEIGHT_SIGNIFICANCE` jackknife standard errors, the groups left out in turn: a small weight
+    that the scan's noise could give buys nothing measurable and costs every network pass over the targets
+    (on the held-out and real cases the weights came out at 0.000-0.04 on denoised input)."""
     r, e, m = (np.asarray(v, dtype=np.float64) for v in (residual, error, mask))
-    power = float(np.sum(m * r * r))
-    return float(np.clip(np.sum(m * r * e) / power, 0.0, 1.0)) if power > 0 else 1.0
+    axes = tuple(range(1, r.ndim))
+    num, power = np.sum(m * r * e, axis=axes), np.sum(m * r * r, axis=axes)  # per example
+    if power.sum() <= 0:
+        return 1.0
+    w = float(np.clip(num.sum() / power.sum(), 0.0, 1.0))
+    labels = np.unique(groups) if groups is not None else ()
+    if w > 0 and len(labels) > 2:
+        keep = [np.asarray(groups) != g for g in labels]
+        partial = np.array([num[k].sum() / power[k].sum() if power[k].sum() > 0 else w for k in keep])
+        n = len(labels)
+        stderr = float(np.sqrt((n - 1) / n * np.sum((partial - partial.mean()) ** 2)))
+        if w <= WEIGHT_SIGNIFICANCE * stderr:
+            return 0.0
+    return w

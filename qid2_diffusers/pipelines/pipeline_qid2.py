@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processor import QID2ImageProcessor
 from ..models.direction_encoder import DirectionEncoder
-from ..models.unet import PRIOR_CHANNELS
+from ..models.unet import PRIOR_CHANNELS, unet_forward
 
 __all__ = ["QID2Pipeline", "QID2PipelineOutput"]
 
@@ -304,7 +304,7 @@ class QID2Pipeline(DiffusionPipeline):
             model_in = torch.cat([self.scheduler.scale_model_input(latents, t).to(dtype), cond], dim=1)
             # channels_last: the layout cuDNN's and oneDNN's convolution kernels prefer.
             model_in = model_in.contiguous(memory_format=torch.channels_last)
-            pred = self.unet(model_in, t, encoder_hidden_states=tokens).sample.float()
+            pred = unet_forward(self.unet, model_in, t, tokens).float()
             latents = self.scheduler.step(pred, t, latents, **extra).prev_sample
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..image_processor import QID2ImageProcessor
+from ..models.unet import unet_forward
 
 __all__ = ["QID2Denoiser", "sample_timesteps", "diffusion_loss", "masked_mean", "random_crops"]
 
@@ -27,7 +28,7 @@ class QID2Denoiser(nn.Module):
     def forward(self, noisy, conditions, timesteps, target_bvecs, reference_bvecs, target_bvals=None,
                 reference_bvals=None):
         tokens = self.direction_encoder(target_bvecs, reference_bvecs, target_bvals, reference_bvals).to(noisy.dtype)
-        return self.unet(torch.cat([noisy, conditions], dim=1), timesteps, encoder_hidden_states=tokens).sample
+        return unet_forward(self.unet, torch.cat([noisy, conditions], dim=1), timesteps, tokens)
 
 
 def sample_timesteps(scheduler, n: int, generator: torch.Generator, bias_portion: float = 0.0) -> torch.Tensor:

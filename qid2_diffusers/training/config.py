@@ -33,7 +33,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: the other ignores them, so one YAML can drive QID² and the GANs.
 SCRIPT_SPECIFIC = {
     "prediction_type", "inference_scheduler", "validation_num_inference_steps",  # QID²
-    "physics_prior", "timestep_bias_portion",  # QID²
+    "physics_prior", "timestep_bias_portion", "attention",  # QID²
     "model", "lambda_adversarial", "lambda_l1", "discriminator_update_interval",  # GANs
 }
 

@@ -33,6 +33,7 @@ import torch
 
 from ..builder import build_pipeline
 from ..errors import QID2InputError
+from ..models.unet import ATTENTION, attention_of
 from ..pipelines import QID2Pipeline, QID2Upsampler
 from ..schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from ..pipelines.training_utils import QID2Denoiser, diffusion_loss
@@ -92,6 +93,10 @@ class QID2Trainer(Trainer):
         g.add_argument("--physics_prior", action="store_true",
                        help="Condition on the tensor-fit prediction of the target from the kept directions and the "
                             "mean b0, and learn the residual target - prior (off: the paper's configuration).")
+        g.add_argument("--attention", type=str, default="every", choices=list(ATTENTION),
+                       help="U-Net levels whose blocks cross-attend to the direction tokens: every level (the paper), "
+                            "or only the coarse ones, the tokens reaching the full-resolution blocks through the time "
+                            "embedding (cheaper per pass on CPUs).")
         g.add_argument("--timestep_bias_portion", type=float, default=0.0,
                        help="Fraction of training timesteps drawn from the noisiest quarter of the schedule, where "
                             "few-step samplers start (0: uniform, as in the paper).")
@@ -112,7 +117,8 @@ class QID2Trainer(Trainer):
         args = self.args
         if self.pipeline is None and not args.pretrained_model_name_or_path:
             return build_pipeline(args.preset, args.R, args.prediction_type, seed=args.seed,
-                                  physics_prior=args.physics_prior, bval_conditioning=args.bval_conditioning)
+                                  physics_prior=args.physics_prior, bval_conditioning=args.bval_conditioning,
+                                  attention=args.attention)
         # Float32 for training even if it was saved fp16; the training schedule is
         # rebuilt, so --prediction_type must match the one it was trained with.
         if self.pipeline is None:
@@ -166,8 +172,10 @@ class QID2Trainer(Trainer):
             "inputs": "noisy target + R reference slices as channels"
             + (" + the tensor fit's prediction of the target slice (from all acquired directions of its shell) and the "
                "mean b0 slice; the network models the residual target − prediction" if args.physics_prior else "")
-            + "; cross-attention on R + 1 direction tokens (sign-invariant direction features"
-            + (", with b / 1000 s/mm²)" if args.bval_conditioning else ")"),
+            + ("; cross-attention on R + 1 direction tokens" if attention_of(self.model.unet) == "every" else
+               "; cross-attention on R + 1 direction tokens at half resolution and below, the tokens also projected "
+               "into the time embedding of every block")
+            + " (sign-invariant direction features" + (", with b / 1000 s/mm²)" if args.bval_conditioning else ")"),
         }
 
 
