@@ -257,7 +257,8 @@ def main():
     row["timings"] = timings
     row["total_s"] = sum(timings.values())
     row["pairs_per_s"] = pairs / row["total_s"]
-    row["sampling_pairs_per_s"] = pairs / timings["sampling"]
+    # No sampling at all where the residual weight came out at 0 (the network's passes are skipped).
+    row["sampling_pairs_per_s"] = pairs / timings["sampling"] if timings.get("sampling") else None
     row["label"] = (f"{'x'.join(map(str, row['shape']))}, {row['targets']} targets, {row['model']}"
                     + (f", {measured_slices} of {row['brain_slices']} slices timed, extrapolated" if cut_mask is not None else ""))
     for k, v in row.items():

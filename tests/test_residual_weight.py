@@ -37,6 +37,9 @@ def test_a_weight_within_the_noise_of_the_left_out_directions_is_dropped():
     assert least_squares_weight(r, noisy, mask, groups=groups) == 0.0  # ...is not kept
     steady = 0.3 * r + 0.05 * rng.normal(size=r.shape)  # the same share in every direction: kept
     assert least_squares_weight(r, steady, mask, groups=groups) == pytest.approx(0.3, abs=0.01)
+    tiny = 0.02 * r + 0.001 * rng.normal(size=r.shape)  # significant, but below MIN_RESIDUAL_WEIGHT (0.05): dropped
+    assert least_squares_weight(r, tiny, mask) == pytest.approx(0.02, abs=0.002)
+    assert least_squares_weight(r, tiny, mask, groups=groups) == 0.0
 
 
 def test_check_residual_weight():
