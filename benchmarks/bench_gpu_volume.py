@@ -5,6 +5,7 @@
     python benchmarks/bench_gpu_volume.py --device cpu --threads 1 --slices 8 --json cpu.json
     python benchmarks/bench_gpu_volume.py --device cpu --resolution 5 --slab 3   # a toy run, to check the script
     python benchmarks/bench_gpu_volume.py --device cpu --denoise dwidenoise --json cpu-dwidenoise.json
+    python benchmarks/bench_gpu_volume.py --device cpu --residual-weight 1 --slices 8   # the network on every target
 
 The subject is the 1.25 mm brain phantom of seed ``--seed`` (145 x 174 x 145,
 the HCP grid), 18 b0 + the 30 most uniform of its 90 b = 1000 directions,
@@ -132,7 +133,8 @@ def timed_run(pipe, paths, target_bvecs, out_prefix, args, full_mask, cut_mask):
     """The timed part: open, up-sample, write. Returns the result and its timings."""
     dwi = load_dwi(paths[0], paths[1], paths[2])
     result = upsample_dwi(dwi, target_bvecs, pipe, mask=cut_mask, adapt_steps=args.adapt_steps,
-                          batch_size=args.batch_size, seed=0, progress=False, denoise=args.denoise)
+                          batch_size=args.batch_size, seed=0, progress=False, denoise=args.denoise,
+                          residual_weight=args.residual_weight)
     if cut_mask is not None:
         # Slices not sampled get input volumes, so the write compresses realistic data, not zeros.
         n_in, skipped = result.n_input, ~cut_mask.any(axis=(0, 1))
@@ -186,6 +188,8 @@ def main():
     ap.add_argument("--seed", type=int, default=4000, help="phantom seed (default: %(default)s)")
     ap.add_argument("--slices", type=int, metavar="K", help="time K brain slices and extrapolate (see above)")
     ap.add_argument("--denoise", choices=DENOISERS, help=f"as qid2 upsample --denoise (default: {DEFAULT_DENOISE})")
+    ap.add_argument("--residual-weight", help="as qid2 upsample --residual-weight (default: auto; 1 always runs "
+                    "the network)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if args.threads:

@@ -121,7 +121,7 @@ def test_hcp_grid_script_reports_every_stage_and_extrapolates(one_step_prior_mod
     out = tmp_path / "run.json"
     monkeypatch.setattr(sys, "argv", ["bench_gpu_volume.py", "--model", str(one_step_prior_model), "--device", "cpu",
                                       "--threads", "1", "--resolution", "5", "--slab", "6", "--slices", "2",
-                                      "--json", str(out)])
+                                      "--residual-weight", "1", "--json", str(out)])
     bench.main()
     row = json.loads(out.read_text())
     assert set(row["timings"]) == set(STAGES) and set(row["measured"]["timings"]) == set(STAGES)
