@@ -112,12 +112,14 @@ def check_denoiser(method: str) -> None:
     """Raise a one-line error for a denoiser that cannot run here.
 
     Raises:
-        ValueError: an unknown method, or ``dwidenoise`` without MRtrix3 on the PATH.
+        QID2InputError: (a ``ValueError``) an unknown method, or ``dwidenoise`` without MRtrix3 on the PATH.
     """
+    from .errors import QID2InputError
+
     if method not in DENOISERS:
-        raise ValueError(f"unknown denoiser {method!r}; choose from {', '.join(DENOISERS)}")
+        raise QID2InputError(None, f"unknown denoiser {method!r}; choose from {', '.join(DENOISERS)}")
     if method not in available_denoisers():
-        raise ValueError("--denoise dwidenoise needs MRtrix3's dwidenoise on the PATH (e.g. conda install -c mrtrix3 "
+        raise QID2InputError(None, "--denoise dwidenoise needs MRtrix3's dwidenoise on the PATH (e.g. conda install -c mrtrix3 "
                          "mrtrix3, or scripts/setup.sh --test); --denoise mppca is the same method in dipy")
 
 
@@ -207,7 +209,8 @@ def _dipy_mppca(block, centres, radius, workers: int):
     so one core each). Each worker gets its slices plus ``2 r`` on either side, so the patches centred
     within ``r`` of its slices are all its own and every voxel it returns equals a single run's."""
     r = int(radius[2])
-    chunks = _z_chunks(block.shape[2], r, workers) if int(centres.sum()) >= MIN_VOXELS_PER_WORKER * 2 else [(0, 0)]
+    parts = workers if int(centres.sum()) >= MIN_VOXELS_PER_WORKER * 2 else 1
+    chunks = _z_chunks(block.shape[2], r, parts)
     if len(chunks) == 1:
         return _dipy_mppca_part(block, centres, radius)
     from concurrent.futures import ProcessPoolExecutor
@@ -231,8 +234,7 @@ def _mppca(block, radius, method, centres, workers: int = 1):
     dwidenoise (C++, threaded), told to use Veraart et al.'s original noise cut-off (``Exp1``), the one dipy
     implements, not its default ``Exp2``. Voxels outside ``centres`` come back as NaN."""
     if method == "mppca":
-        den, sigma = _dipy_mppca(block, centres, radius, workers)
-        den, sigma = den.astype(np.float32), sigma.astype(np.float32)
+        den, sigma = _dipy_mppca(block, centres, radius, workers)  # float32: dipy keeps the block's dtype
     else:
         import nibabel as nib
 

@@ -464,10 +464,7 @@ def upsample_dwi(
     if denoise is not None:
         from .denoise import check_denoiser
 
-        try:  # before the series is read: an unknown denoiser or a missing dwidenoise is known now
-            check_denoiser(denoise)
-        except ValueError as exc:
-            raise QID2InputError(None, str(exc)) from None
+        check_denoiser(denoise)  # before the series is read: an unknown denoiser or a missing dwidenoise
     if shells is not None:
         # Checked before the series is read: a missing shell is known from the b-values alone.
         shells = sorted({shell_label(dwi.bvals, float(b), b0_threshold=dwi.b0_threshold, path=dwi.path)

@@ -283,11 +283,15 @@ def _method_rows(config: BenchmarkConfig) -> list[dict]:
     names = list(config.methods)
     if not names:
         raise QID2InputError(None, f"no method given; choose from {', '.join(METHODS)}")
+    from ..denoise import check_denoiser
+
     for name in names:
         try:
-            split_method(name)
+            denoiser, _ = split_method(name)
         except ValueError as exc:
             raise QID2InputError(None, str(exc)) from None
+        if denoiser:
+            check_denoiser(denoiser)  # dwidenoise+dti without MRtrix3: said now, not case by case
     for flag in ("model", "cgan", "qgan"):
         paths = getattr(config, flag)
         if paths and len(paths) != len(config.num_references):
@@ -374,10 +378,7 @@ def _with_denoising(rows, denoisers) -> list[dict]:
     if not denoisers:
         return rows
     for denoiser in denoisers:
-        try:
-            check_denoiser(denoiser)
-        except ValueError as exc:
-            raise QID2InputError(None, str(exc)) from None
+        check_denoiser(denoiser)
     # A method named with its denoiser (mppca+dti) keeps it; the others run once per denoiser.
     return [new for row in rows
             for new in ([row] if row.get("denoise") else
