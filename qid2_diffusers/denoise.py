@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .gradients import B0_THRESHOLD
+from .threads import z_blocks
 
 __all__ = ["DENOISERS", "DEFAULT_DENOISE", "DenoisePlan", "DenoiseResult", "available_denoisers", "plan_denoising",
            "denoise_box", "patch_centres", "denoise_series"]
@@ -188,13 +189,6 @@ def patch_centres(mask, radius) -> np.ndarray:
     return binary_dilation(np.asarray(mask, dtype=bool), structure=structure)
 
 
-def _z_chunks(n_slices: int, radius: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous slice ranges covering ``n_slices``, each at least ``2 * radius + 1`` thick."""
-    parts = max(1, min(parts, n_slices // (2 * radius + 1)))
-    edges = np.linspace(0, n_slices, parts + 1).round().astype(int)
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
-
-
 def _dipy_mppca_part(block, centres, radius):
     """dipy's MP-PCA of one block (one worker's share), one BLAS thread: the workers are the parallelism."""
     from dipy.denoise.localpca import mppca
@@ -210,19 +204,20 @@ def _dipy_mppca(block, centres, radius, workers: int):
     within ``r`` of its slices are all its own and every voxel it returns equals a single run's."""
     r = int(radius[2])
     parts = workers if int(centres.sum()) >= MIN_VOXELS_PER_WORKER * 2 else 1
-    chunks = _z_chunks(block.shape[2], r, parts)
-    if len(chunks) == 1:
+    # Halo 2 r: a voxel's value comes from the patches centred within r of it, which reach r further.
+    blocks = z_blocks(block.shape[2], 2 * r, parts)
+    if len(blocks) == 1:
         return _dipy_mppca_part(block, centres, radius)
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    spans = [(max(0, z0 - 2 * r), min(block.shape[2], z1 + 2 * r)) for z0, z1 in chunks]
     den = np.empty(block.shape, dtype=np.float32)
     sigma = np.empty(block.shape[:3], dtype=np.float32)
     # spawn, not fork: the engine's process holds torch's OpenMP pool, which a forked child can deadlock on.
-    with ProcessPoolExecutor(len(chunks), mp_context=get_context("spawn")) as pool:
-        jobs = [pool.submit(_dipy_mppca_part, block[:, :, s0:s1], centres[:, :, s0:s1], radius) for s0, s1 in spans]
-        for (z0, z1), (s0, _), job in zip(chunks, spans, jobs):
+    with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
+        jobs = [pool.submit(_dipy_mppca_part, block[:, :, s0:s1], centres[:, :, s0:s1], radius)
+                for _, _, s0, s1 in blocks]
+        for (z0, z1, s0, _), job in zip(blocks, jobs):
             part_den, part_sigma = job.result()
             den[:, :, z0:z1] = part_den[:, :, z0 - s0: z1 - s0]
             sigma[:, :, z0:z1] = part_sigma[:, :, z0 - s0: z1 - s0]

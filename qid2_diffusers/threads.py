@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_workers"]
+__all__ = ["cpu_workers", "z_blocks"]
 
 
 def cpu_workers() -> int:
@@ -22,3 +22,16 @@ def cpu_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def z_blocks(n_slices: int, halo: int, parts: int) -> list[tuple[int, int, int, int]]:
+    """Split ``n_slices`` axial slices into ``parts`` contiguous blocks for a local filter of reach ``halo``.
+
+    Returns ``(z0, z1, s0, s1)`` per block: the block owns slices ``z0:z1`` and is filtered over
+    ``s0:s1``, its slices plus ``halo`` on either side (cut at the volume's ends, where the whole
+    volume's filter sees its boundary too), so every owned slice gets exactly the whole volume's value.
+    Blocks are at least ``2 * halo + 1`` thick, so a thin volume is one block.
+    """
+    parts = max(1, min(int(parts), n_slices // (2 * halo + 1)))
+    edges = [round(i * n_slices / parts) for i in range(parts + 1)]
+    return [(z0, z1, max(0, z0 - halo), min(n_slices, z1 + halo)) for z0, z1 in zip(edges[:-1], edges[1:])]

@@ -67,9 +67,9 @@ def _read_meta(folder: Path) -> dict | None:
 def _brain_mask(dwi: DWI, mean_b0: np.ndarray) -> np.ndarray:
     if dwi.mask is not None:
         return dwi.mask
-    from dipy.segment.mask import median_otsu
+    from ..masking import brain_mask
 
-    return median_otsu(mean_b0)[1]
+    return brain_mask(mean_b0, dwi.header.get_zooms()[:3] if dwi.header is not None else None)
 
 
 def build_cache(
@@ -90,7 +90,7 @@ def build_cache(
       voxel axis ``axis``, every volume of the shell (no b0), in units of
       ``meta["unit"]`` (a power of two, 1 unless the data would overflow float16);
     - ``mask.npy``: uint8 ``(n_slices, H, W)`` brain mask (the subject's, or
-      dipy's ``median_otsu`` of the mean b0);
+      :func:`~qid2_diffusers.masking.brain_mask` of the mean b0);
     - ``meta.json``: parameters, source fingerprint, the shell's bvals and
       bvecs, the acquired/target split (:func:`~qid2_diffusers.data.io.split_acquired`),
       the slices containing brain and the b-vector voxel signs;
@@ -131,6 +131,9 @@ def build_cache(
         "prior": bool(prior),
         "source": _fingerprint(dwi),
     }
+    if dwi.mask is None:
+        # Which computed mask the cache holds: caches from an older mask rule are rebuilt, given masks' are kept.
+        params["mask"] = "brain_mask"
     cache_dir = Path(cache_dir)
     stem = f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}"
     folder = cache_dir / f"{stem}{'_prior' if prior else ''}"
