@@ -99,6 +99,15 @@ def _write_cohort(root: Path, shells=None) -> Path:
 
 
 @pytest.fixture(scope="session")
+def written_phantom(tmp_path_factory) -> Path:
+    """One 6-slice brain phantom written by the package (HCP layout, truth beside it); returns its subject folder."""
+    from qid2_diffusers.data.phantom import make_subject
+    from qid2_diffusers.data.phantom.writing import write_subject
+
+    return write_subject(make_subject(5, slab=6), tmp_path_factory.mktemp("written-phantom"), "phantom-000")
+
+
+@pytest.fixture(scope="session")
 def training_cohort(tmp_path_factory) -> Path:
     """Two tiny HCP-layout subjects for the training scripts, b=1000 (see :func:`_write_cohort`)."""
     return _write_cohort(tmp_path_factory.mktemp("training-cohort"))

@@ -292,3 +292,39 @@ def test_a_cache_with_the_prior_serves_models_without_it(subject, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [with_prior.name]
     plain, prior = QID2Dataset(with_prior, num_references=3), QID2Dataset(with_prior, num_references=3, physics_prior=True)
     assert "prior" not in plain[0] and torch.equal(plain[0]["target"], prior[0]["target"])
+
+
+def test_cache_of_denoised_inputs_and_noise_free_targets(written_phantom, tmp_path):
+    """``denoise``: the kept directions (and the prior fit on them) come from the MP-PCA of b0s + kept
+    directions, so they lie nearer the phantom's truth; ``target="truth"``: the targets are the truth."""
+    import nibabel as nib
+
+    from qid2_diffusers.data.phantom.writing import truth_file
+
+    folder = written_phantom
+    subject = discover_subjects(folder.parent)[0]
+    raw = build_cache(subject, tmp_path / "cache", prior=True)
+    clean = build_cache(subject, tmp_path / "cache", prior=True, denoise="mppca", target="truth")
+    assert clean.name == raw.name.replace("_prior", "_mppca_truth_prior")
+    meta = json.loads((clean / "meta.json").read_text())
+    assert meta["params"]["denoise"] == "mppca" and meta["params"]["target"] == "truth"
+    assert "denoise" not in json.loads((raw / "meta.json").read_text())["params"]  # raw caches keep their key
+    truth = np.moveaxis(np.asarray(nib.load(truth_file(folder, "signal")).dataobj, dtype=np.float32), 2, 0)
+    volumes, unit = np.asarray(meta["volume_indices"]), meta["unit"]
+    brain = np.load(clean / "mask.npy").astype(bool)
+    acquired, targets = np.asarray(meta["acquired"]), np.asarray(meta["targets"])
+
+    def error(cache, columns, reference):
+        planes = np.load(cache / "slices.npy")[:, columns].astype(np.float32) * unit
+        return float(np.abs(np.moveaxis(planes, 1, -1) - reference)[brain].mean())
+
+    signal = float(truth[brain].mean())
+    kept_truth = truth[..., volumes[acquired]]
+    assert error(clean, acquired, kept_truth) < 0.8 * error(raw, acquired, kept_truth)
+    assert error(clean, targets, truth[..., volumes[targets]]) < 2e-3 * signal  # float16 rounding only
+    assert error(raw, targets, truth[..., volumes[targets]]) > 0.02 * signal  # the acquisition is noisy
+    prior_error = {c: float(np.abs(np.moveaxis(np.load(c / "prior.npy").astype(np.float32) * unit, 1, -1)
+                                   - truth[..., volumes[targets]])[brain].mean()) for c in (raw, clean)}
+    assert prior_error[clean] < prior_error[raw]
+    with pytest.raises(QID2InputError, match="needs a subject folder written by `qid2 phantom`"):
+        build_cache(subject.load(), tmp_path / "cache", target="truth")

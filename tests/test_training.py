@@ -371,6 +371,22 @@ def test_card_names_data_folders_relative_to_the_working_folder(tmp_path, monkey
     assert card_path(tmp_path.parent / "elsewhere" / "rnd-train") == "rnd-train"
 
 
+def test_card_data_line_says_how_the_inputs_and_targets_were_made(written_phantom):
+    import argparse
+
+    from qid2_diffusers.data.layouts import discover_subjects
+    from qid2_diffusers.training.data import describe_data
+
+    subjects = discover_subjects(written_phantom.parent)
+    args = argparse.Namespace(data_description=None, data_dir="rnd-train", denoise="none", target="acquisition")
+    plain = describe_data(args, subjects)
+    assert plain == "synthetic brain-like phantom cohort (`qid2 phantom`): 1 subject(s) from `rnd-train`"
+    args.denoise, args.target = "mppca", "truth"
+    assert describe_data(args, subjects) == (plain + "; b0s and kept directions denoised with `mppca` first "
+                                             "(`--denoise`), as at inference; targets: the phantoms' noise-free "
+                                             "signal (`--target truth`)")
+
+
 def test_an_unknown_config_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert QID2Trainer.main(["--config", "huge", "--data_dir", "d", "--output_dir", "o"]) == 2
@@ -476,3 +492,32 @@ def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_co
     assert shipped.physics_prior and shipped.bval_conditioning and shipped.config.default_adapt_steps == 7
     for key, value in prior.unet.state_dict().items():
         torch.testing.assert_close(shipped.unet.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_validation_inputs_are_denoised_over_the_whole_volume_as_the_engine_does(written_phantom, tmp_path):
+    import argparse
+
+    import nibabel as nib
+
+    from qid2_diffusers.data.layouts import discover_subjects
+    from qid2_diffusers.data.phantom.writing import truth_file
+    from qid2_diffusers.training.validation import Validator
+
+    subject = discover_subjects(written_phantom.parent)[0]
+    args = argparse.Namespace(cache_dir=tmp_path, R=3, validation_n_acquired=30, validation_num_slices=2)
+    raw = Validator._prepare(subject, 1000.0, argparse.Namespace(**vars(args), denoise="none"))
+    clean = Validator._prepare(subject, 1000.0, argparse.Namespace(**vars(args), denoise="mppca"))
+    assert clean["slices"] == raw["slices"] and len(raw["slices"]) == 2
+    # Same volumes in the same order; the targets (scored against) stay the acquisition.
+    assert np.array_equal(clean["inputs"][1], raw["inputs"][1]) and np.array_equal(clean["truth"], raw["truth"])
+    dwi = subject.load()
+    truth = np.asarray(nib.load(truth_file(written_phantom, "signal")).dataobj, dtype=np.float32)[:, :, raw["slices"]]
+    b0, shell = dwi.b0_indices, np.flatnonzero(np.abs(dwi.bvals - 1000) < 50)
+    volumes = np.union1d(b0, shell)
+    # Inputs are b0s then the kept directions, in the order of `volumes`: find each input's volume by its column.
+    kept = [volumes[np.flatnonzero((raw["inputs"][0][..., j:j + 1] == raw["evaluation"].data).all(axis=(0, 1, 2)))[0]]
+            for j in range(raw["inputs"][0].shape[-1])]
+    reference = truth[..., kept]
+    brain = raw["mask"]
+    err = {k: float(np.abs(item["inputs"][0] - reference)[brain].mean()) for k, item in (("raw", raw), ("clean", clean))}
+    assert err["clean"] < 0.8 * err["raw"]

@@ -29,7 +29,7 @@ from .augment import rotate_bvecs, warp_slices
 from .io import DWI, bvec_voxel_signs, check_enough_directions, nifti_stem, shell_indices, split_acquired
 from .layouts import SubjectPaths
 
-__all__ = ["build_cache", "QID2Dataset", "collate_slices", "CACHE_VERSION"]
+__all__ = ["build_cache", "QID2Dataset", "collate_slices", "CACHE_VERSION", "TARGETS"]
 
 #: Bumped whenever the cache format changes, so stale caches are rebuilt.
 CACHE_VERSION = 2
@@ -37,6 +37,9 @@ CACHE_VERSION = 2
 _SLICES, _MASK, _META = "slices.npy", "mask.npy", "meta.json"
 _PRIOR, _MEAN_B0 = "prior.npy", "mean_b0.npy"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: What a cache's target directions hold: the acquisition (noisy, as a user's data) or, for
+#: ``qid2 phantom`` subjects, the noise-free signal beside it.
+TARGETS = ("acquisition", "truth")
 
 
 def _fingerprint(dwi: DWI) -> dict:
@@ -81,6 +84,8 @@ def build_cache(
     axis: int = 2,
     subject_id: str | None = None,
     prior: bool = False,
+    denoise: str = "none",
+    target: str = "acquisition",
 ) -> Path:
     """Preprocess one subject into a memory-mapped training cache (reused when up to date).
 
@@ -111,6 +116,12 @@ def build_cache(
         subject_id (`str`, *optional*): cache name; defaults to the subject's id
             or the image file's stem.
         prior (`bool`, *optional*, defaults to `False`): also store the physics prior.
+        denoise (`str`, *optional*, defaults to `"none"`): one of :data:`~qid2_diffusers.denoise.DENOISERS`.
+            The b0s and the kept directions are denoised together, as ``qid2 upsample --denoise``
+            denoises what a scan acquired (the targets never take part: at inference they do not
+            exist), and the kept directions and the prior come from the denoised series.
+        target (`str`, *optional*, defaults to `"acquisition"`): one of :data:`TARGETS`; ``"truth"``
+            stores the noise-free signal of a ``qid2 phantom`` subject at the target directions.
 
     Returns:
         `Path`: the cache folder, to pass to :class:`QID2Dataset`.
@@ -131,11 +142,23 @@ def build_cache(
         "prior": bool(prior),
         "source": _fingerprint(dwi),
     }
+    if denoise != "none":
+        from ..denoise import check_denoiser
+
+        check_denoiser(denoise)
+        params["denoise"] = denoise  # only when used: caches of raw data keep their key
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    truth = None
+    if target == "truth":
+        truth = _truth_signal(subject, dwi)
+        params["target"] = target
     if dwi.mask is None:
         # Which computed mask the cache holds: caches from an older mask rule are rebuilt, given masks' are kept.
         params["mask"] = "brain_mask"
     cache_dir = Path(cache_dir)
     stem = f"{subject_id}_b{shell:g}_acq{n_acquired}_axis{axis}"
+    stem += (f"_{denoise}" if denoise != "none" else "") + ("_truth" if truth is not None else "")
     folder = cache_dir / f"{stem}{'_prior' if prior else ''}"
     if _cache_matches(folder, params):
         return folder
@@ -165,10 +188,12 @@ def build_cache(
         column = {int(k): j for j, k in enumerate(members)}
         is_b0 = set(b0.tolist())
         b0_sum = np.zeros(spatial, dtype=np.float64)
-        # b0s + acquired directions, in memory, for the prior's tensor fit.
-        fit_volumes = np.concatenate([b0, members[acquired]]) if prior else np.array([], dtype=np.intp)
+        # b0s + acquired directions, in memory, for the prior's tensor fit and the denoiser.
+        keep = prior or denoise != "none"
+        fit_volumes = np.concatenate([b0, members[acquired]]) if keep else np.array([], dtype=np.intp)
         fit_column = {int(k): j for j, k in enumerate(fit_volumes)}
-        fit_data = np.zeros(spatial + (len(fit_volumes),), dtype=np.float32) if prior else None
+        fit_data = np.zeros(spatial + (len(fit_volumes),), dtype=np.float32) if keep else None
+        target_volumes = set(members[targets].tolist())
         unit = None
         # One pass in file order: a .nii.gz is a stream, and going back means
         # decompressing from the start again.
@@ -185,11 +210,20 @@ def build_cache(
             if int(k) in fit_column:
                 fit_data[..., fit_column[int(k)]] = vol
             if int(k) in column:
-                scaled = np.clip(np.moveaxis(vol, axis, 0) / unit, -_FLOAT16_MAX, _FLOAT16_MAX)
-                slices[:, column[int(k)]] = scaled
+                if truth is not None and int(k) in target_volumes:
+                    vol = np.asarray(truth[..., int(k)], dtype=np.float32)
+                slices[:, column[int(k)]] = np.clip(np.moveaxis(vol, axis, 0) / unit, -_FLOAT16_MAX, _FLOAT16_MAX)
+        brain = np.asarray(_brain_mask(dwi, (b0_sum / len(b0)).astype(np.float32)), dtype=bool)
+        if denoise != "none":
+            from ..denoise import denoise_series
+
+            fit_data = denoise_series(fit_data, dwi.bvals[fit_volumes], denoise, mask=brain, out=fit_data,
+                                      b0_threshold=dwi.b0_threshold, what=f"{subject_id} (b0 + {len(acquired)} kept at b={shell:g})").data
+            for j, k in enumerate(members[acquired]):
+                slices[:, column[int(k)]] = np.clip(np.moveaxis(fit_data[..., fit_column[int(k)]], axis, 0) / unit,
+                                                    -_FLOAT16_MAX, _FLOAT16_MAX)
         slices.flush()
         del slices
-        brain = np.asarray(_brain_mask(dwi, (b0_sum / len(b0)).astype(np.float32)), dtype=bool)
         mask = np.moveaxis(brain, axis, 0).astype(np.uint8)
         np.save(tmp / _MASK, np.ascontiguousarray(mask))
         if prior:
@@ -226,6 +260,23 @@ def build_cache(
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def _truth_signal(subject, dwi: DWI):
+    """The noise-free series of a ``qid2 phantom`` subject (lazy, read volume by volume), checked against the data."""
+    import nibabel as nib
+
+    from .phantom.writing import truth_file
+
+    if not isinstance(subject, SubjectPaths):
+        raise QID2InputError(dwi.path, "target 'truth' needs a subject folder written by `qid2 phantom`")
+    path = truth_file(Path(subject.dwi).parents[2], "signal")
+    if not path.is_file():
+        raise QID2InputError(path, "file not found: target 'truth' needs a `qid2 phantom` subject")
+    truth = nib.load(path).dataobj
+    if tuple(truth.shape) != dwi.shape:
+        raise QID2InputError(path, f"shape {tuple(truth.shape)} does not match the data's {dwi.shape}")
+    return truth
 
 
 def _write_prior(folder: Path, fit_data, bvals, bvecs, mask, target_bvecs, axis: int, unit: float) -> None:

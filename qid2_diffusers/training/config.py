@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..data.dataset import TARGETS
+from ..denoise import DENOISERS
 from ..errors import QID2InputError
 
 __all__ = [
@@ -66,6 +68,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--validation_n_acquired", type=int, default=None,
                    help="Directions kept in validation; default: the first of --n_acquired.")
     g.add_argument("--R", type=int, default=3, help="Reference slices per target.")
+    g.add_argument("--denoise", type=str, default="none", choices=DENOISERS,
+                   help="Denoise each subject's b0s + kept directions before training and validation, as "
+                        "`qid2 upsample --denoise` does at inference (cached with the training data); the prior "
+                        "is fit on the denoised series. Train with the denoiser the model will be used after.")
+    g.add_argument("--target", type=str, default="acquisition", choices=TARGETS,
+                   help="What the target directions hold: the acquisition, or the noise-free signal that "
+                        "`qid2 phantom` writes beside each subject (phantom cohorts only).")
     g.add_argument("--augment", dest="augment", action="store_true", default=True,
                    help="Random in-plane rotation (±15°) and scaling (0.9-1.1), b-vectors rotated along.")
     g.add_argument("--no_augment", dest="augment", action="store_false")

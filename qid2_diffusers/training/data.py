@@ -159,7 +159,12 @@ def describe_data(args, train_subjects) -> str:
     # `qid2 phantom` stores each subject's noise-free truth beside its data.
     phantom = all((Path(s.dwi).parents[2] / "truth").is_dir() for s in train_subjects if s.layout == "hcp")
     kind = "synthetic brain-like phantom cohort (`qid2 phantom`)" if phantom and train_subjects[0].layout == "hcp" else "DWI data"
-    return f"{kind}: {len(train_subjects)} subject(s) from `{card_path(args.data_dir)}`"
+    text = f"{kind}: {len(train_subjects)} subject(s) from `{card_path(args.data_dir)}`"
+    if getattr(args, "denoise", "none") != "none":
+        text += f"; b0s and kept directions denoised with `{args.denoise}` first (`--denoise`), as at inference"
+    if getattr(args, "target", "acquisition") == "truth":
+        text += "; targets: the phantoms' noise-free signal (`--target truth`)"
+    return text
 
 
 def load_training_data(args, accelerator) -> TrainingData:
@@ -174,7 +179,9 @@ def load_training_data(args, accelerator) -> TrainingData:
         prior = getattr(args, "physics_prior", False)
         with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1, 8)) as pool:
             caches = list(pool.map(
-                lambda job: build_cache(job[0], args.cache_dir, shell=job[1], n_acquired=job[2], prior=prior), jobs
+                lambda job: build_cache(job[0], args.cache_dir, shell=job[1], n_acquired=job[2], prior=prior,
+                                        denoise=getattr(args, "denoise", "none"),
+                                        target=getattr(args, "target", "acquisition")), jobs
             ))
     dataset = QID2Dataset(caches, num_references=args.R, augment=args.augment, seed=args.seed, physics_prior=prior)
     return TrainingData.from_dataset(

@@ -28,7 +28,8 @@ class Validator:
     For each subject, ``num_slices`` slices evenly spread over the middle of
     the brain are taken with every volume of b0 + the shell; the
     ``n_acquired`` directions of :func:`~qid2_diffusers.data.io.split_acquired`
-    are the input and the others the targets. Figures come from
+    are the input (denoised first over the whole volume with ``args.denoise``, as the
+    engine does) and the others the targets. Figures come from
     :class:`~qid2_diffusers.evaluation.SubjectEvaluation` against the acquired
     volumes: image SSIM / PSNR / NRMSE over every target slice, and FA MAE,
     FA-SSIM, MD error and principal-direction error of a tensor fit on
@@ -71,11 +72,24 @@ class Validator:
         targets = [column[int(shell_idx[i])] for i in meta["targets"]]
         inputs = np.concatenate([np.flatnonzero(np.isin(volumes, dwi.b0_indices)), acquired])
         slab_mask = mask[:, :, picks]
+        given = data
+        denoise = getattr(args, "denoise", "none")
+        if denoise != "none":
+            # The inputs as the engine would give them: b0s + kept directions denoised over the whole
+            # volume (a denoiser on two slices would see far fewer voxels); scored against the raw acquisition.
+            from ..denoise import denoise_series
+
+            kept = volumes[inputs]
+            series = np.stack([np.asarray(dwi.volume(int(k)), dtype=np.float32) for k in kept], axis=-1)
+            series = denoise_series(series, dwi.bvals[kept], denoise, mask=mask, out=series,
+                                    b0_threshold=dwi.b0_threshold, what=f"{subject.subject_id}").data
+            given = data.copy()
+            given[..., inputs] = series[:, :, picks]
         return {
             "subject_id": subject.subject_id,
             "slices": picks.tolist(),
             "evaluation": SubjectEvaluation(data, bvals, bvecs, slab_mask),
-            "inputs": (data[..., inputs], bvals[inputs], bvecs[inputs]),
+            "inputs": (given[..., inputs], bvals[inputs], bvecs[inputs]),
             "target_bvecs": bvecs[targets],
             "truth": data[..., targets],
             "mask": slab_mask,

@@ -19,7 +19,7 @@ from .multitensor import make_multitensor_subject
 from .scheme import hcp_scheme, n_threads
 from .subject import PhantomSubject, check_options, make_subject
 
-__all__ = ["SIMULATORS", "subject_seed", "write_subject", "write_cohort", "load_truth"]
+__all__ = ["SIMULATORS", "subject_seed", "write_subject", "write_cohort", "load_truth", "truth_file"]
 
 _MAKERS = {"brain": make_subject, "multitensor": make_multitensor_subject}
 #: Simulators a cohort can be drawn from: the brain phantom (training and
@@ -163,6 +163,11 @@ def write_cohort(out_dir, n_subjects: int, seed: int, *, resolution: float | Non
         return list(tqdm(pool.imap(_write_one, work), **bar))
 
 
+def truth_file(subject_dir, key: str) -> Path:
+    """Where a written phantom keeps one part of its truth (``key``: ``signal``, ``fa``, ``peaks``, ...)."""
+    return Path(subject_dir) / "truth" / _TRUTH_FILES[key]
+
+
 def load_truth(subject_dir, *, signal: bool = True) -> dict:
     """Read a written phantom's truth back.
 
@@ -188,10 +193,10 @@ def load_truth(subject_dir, *, signal: bool = True) -> dict:
     diffusion = subject_dir / _DIFFUSION_DIR
     dwi = load_dwi(diffusion / "data.nii.gz", diffusion / "bvals", diffusion / "bvecs", diffusion / "nodif_brain_mask.nii.gz")
     out = {"bvals": dwi.bvals, "bvecs": dwi.bvecs, "affine": dwi.affine, "mask": dwi.mask}
-    for key, name in _TRUTH_FILES.items():
+    for key in _TRUTH_FILES:
         if key == "signal" and not signal:
             continue
-        path = subject_dir / "truth" / name
+        path = truth_file(subject_dir, key)
         if not path.is_file():
             raise QID2InputError(path, "file not found (not a phantom subject folder?)")
         try:
