@@ -492,6 +492,13 @@ def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_co
     assert shipped.physics_prior and shipped.bval_conditioning and shipped.config.default_adapt_steps == 7
     for key, value in prior.unet.state_dict().items():
         torch.testing.assert_close(shipped.unet.state_dict()[key], value, rtol=0, atol=0)
+    # A physics-prior network is validated with its correction whole (VALIDATION_RESIDUAL_WEIGHT), not with
+    # inference's "auto" weight, which drops an unproven correction and would score the bare tensor fit.
+    assert average_weights.main(["--inputs", str(tmp_path / "prior"), "--output_dir", str(tmp_path / "scored"),
+                                 "--validation_data_dir", str(training_cohort), "--cache_dir", str(tmp_path / "cache"),
+                                 "--validation_num_slices", "1"]) == 0
+    scored = json.loads((tmp_path / "scored" / "average_summary.json").read_text())["validation"]
+    assert abs(scored["average"]["fa_mae"] - scored["dti"]["fa_mae"]) > 1e-4
 
 
 def test_validation_inputs_are_denoised_over_the_whole_volume_as_the_engine_does(written_phantom, tmp_path):

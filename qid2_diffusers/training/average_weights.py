@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
+from ..denoise import DENOISERS
 from ..errors import QID2InputError
 from ..hub import resolve_model
 from ..pipelines import QID2Pipeline
 from ..schedulers import SCHEDULERS, make_scheduler
 from .config import command_line, number_list, run
 from .reporting import cast_for_saving, metrics_table, save_pretrained_atomic, write_json
-from .validation import Validator, write_validation_figure
+from .validation import VALIDATION_RESIDUAL_WEIGHT, Validator, write_validation_figure
 
 __all__ = ["average_pipelines", "parse_args", "average", "main"]
 
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--validation_num_slices", type=int, default=2)
     p.add_argument("--shells", type=number_list(float), default=[1000.0], help="shells to validate on (default 1000)")
     p.add_argument("--n_acquired", type=int, default=30, help="directions kept in validation (default 30)")
+    p.add_argument("--denoise", choices=DENOISERS, default="none",
+                   help="denoise the validation inputs first, as the inputs were denoised in training (train_qid2.py --denoise)")
     args = p.parse_args(argv)
     args.validation_n_acquired = args.n_acquired
     return args
@@ -112,7 +115,7 @@ def average(argv=None) -> int:
         args.R = pipe.num_references
         args.cache_dir = args.cache_dir or str(Path(args.output_dir) / "cache")
         validator = Validator(discover_subjects(args.validation_data_dir), args)
-        metrics, figure = validator.run(QID2Upsampler(pipe, progress=False))
+        metrics, figure = validator.run(QID2Upsampler(pipe, progress=False, residual_weight=VALIDATION_RESIDUAL_WEIGHT))
         summary["validation"] = {"slices": {i["subject_id"]: i["slices"] for i in validator.items},
                                  "average": metrics, **validator.baselines}
         print(metrics_table({"average": metrics, "Interp (R=%d)" % args.R: validator.baselines["interp"],

@@ -39,6 +39,7 @@ from ..schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from ..pipelines.training_utils import QID2Denoiser, diffusion_loss
 from .reporting import CARD_TAGS, MODEL_CARD_TEMPLATE, cast_for_saving, save_pretrained_atomic
 from .trainer import Trainer
+from .validation import VALIDATION_RESIDUAL_WEIGHT
 
 __all__ = ["QID2Trainer", "make_pipeline", "main", "DEFAULT_LEARNING_RATE"]
 
@@ -154,6 +155,7 @@ class QID2Trainer(Trainer):
             batch_size=self.args.validation_batch_size,
             seed=self.args.seed,
             progress=False,
+            residual_weight=VALIDATION_RESIDUAL_WEIGHT,
         )
 
     def save(self, output_dir) -> None:

@@ -16,10 +16,15 @@ from ..directions import nearest_references
 from ..evaluation import SubjectEvaluation
 from ..gradients import split_scheme
 
-__all__ = ["VALIDATION_KEYS", "Validator", "validate", "write_validation_figure"]
+__all__ = ["VALIDATION_KEYS", "VALIDATION_RESIDUAL_WEIGHT", "Validator", "validate", "write_validation_figure"]
 
 #: Validation figures reported in logs, the summary and the model card, in this order.
 VALIDATION_KEYS = ("ssim", "psnr", "nrmse", "fa_mae", "fa_ssim", "md_mae", "angular_error_deg")
+
+#: A physics-prior network is validated with its correction whole: validation chooses between networks,
+#: and inference's ``"auto"`` weight, a per-scan choice that drops corrections it cannot show to help,
+#: would score most checkpoints as the bare tensor fit (it did: every checkpoint equal to DTI-predict).
+VALIDATION_RESIDUAL_WEIGHT = 1.0
 
 
 class Validator:
