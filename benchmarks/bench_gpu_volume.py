@@ -28,8 +28,8 @@ subject takes too long: the read, the write and the rest are measured whole
 write compresses realistic data, not zeros); the mask (median_otsu) and the
 prior's tensor fit are timed on the whole volume, apart (a fit's fixed costs
 do not scale with voxels); the per-slice stages (prior predictions, batching,
-sampling) are scaled by slices (and by the brain box's area, should the K
-slices' box be smaller); adaptation, which
+sampling) are scaled by the pixels the network sees (each brain slice's own box,
+summed over the brain against the K slices); adaptation, which
 uses at most 16 slices, is kept as measured (exact for K >= 16); denoising
 (``--denoise``, the engine's default MP-PCA unless told) is timed on the whole
 brain, apart. The JSON holds both the measured and the extrapolated stages.
@@ -65,7 +65,7 @@ from qid2_diffusers.models.unet import unet_forward
 from qid2_diffusers.pipelines import QID2Upsampler
 from qid2_diffusers.schedulers import make_scheduler
 from qid2_diffusers.timing import format_timings
-from qid2_diffusers.upsampling import brain_bounding_box, brain_slices, fit_prior
+from qid2_diffusers.upsampling import brain_bounding_box, brain_slice_box, brain_slices, fit_prior
 
 #: Stages whose cost grows with the number of brain slices sampled.
 PER_SLICE_STAGES = ("prior_predict", "batching", "sampling")
@@ -144,24 +144,26 @@ def timed_run(pipe, paths, target_bvecs, out_prefix, args, full_mask, cut_mask):
     return result
 
 
-def box_pixels(mask) -> int:
+def pass_pixels(mask) -> int:
+    """Pixels the network sees per target over the brain slices: each slice cropped to its own box."""
     bx, by = brain_bounding_box(mask)
-    return (bx.stop - bx.start) * (by.stop - by.start)
+    boxes = [brain_slice_box(mask, z) for z in brain_slices(mask)]
+    return sum(len(range(bx.stop - bx.start)[sx]) * len(range(by.stop - by.start)[sy]) for sx, sy in boxes)
 
 
 def extrapolate(timings: dict, full_mask, cut_mask, whole_volume: dict) -> tuple[dict, dict]:
     """Whole-brain stages from a run on some slices, and the factors used.
 
-    Per-slice stages scale with the slices and with the brain box's area (the
-    box of a few slices can be a little smaller than the whole brain's);
+    Per-slice stages scale with the pixels the network sees: the sum over brain slices of each
+    slice's own box (:func:`~qid2_diffusers.upsampling.brain_slice_box`);
     ``whole_volume`` holds the stages timed apart on the whole brain (mask, prior fit).
     """
     factors = dict(slices=len(brain_slices(full_mask)) / len(brain_slices(cut_mask)),
-                   pixels=box_pixels(full_mask) / box_pixels(cut_mask))
+                   pixels=pass_pixels(full_mask) / pass_pixels(cut_mask))
     whole = dict(timings)
     for stage in PER_SLICE_STAGES:
         if stage in whole:
-            whole[stage] *= factors["slices"] * factors["pixels"]
+            whole[stage] *= factors["pixels"]
     whole.update(whole_volume)
     return whole, factors
 
