@@ -65,7 +65,7 @@ from qid2_diffusers.models.unet import unet_forward
 from qid2_diffusers.pipelines import QID2Upsampler
 from qid2_diffusers.schedulers import make_scheduler
 from qid2_diffusers.timing import format_timings
-from qid2_diffusers.upsampling import brain_bounding_box, brain_slice_box, brain_slices, fit_prior
+from qid2_diffusers.upsampling import brain_bounding_box, brain_slices, fit_prior, network_pixels
 
 #: Stages whose cost grows with the number of brain slices sampled.
 PER_SLICE_STAGES = ("prior_predict", "batching", "sampling")
@@ -144,22 +144,15 @@ def timed_run(pipe, paths, target_bvecs, out_prefix, args, full_mask, cut_mask):
     return result
 
 
-def pass_pixels(mask) -> int:
-    """Pixels the network sees per target over the brain slices: each slice cropped to its own box."""
-    bx, by = brain_bounding_box(mask)
-    boxes = [brain_slice_box(mask, z) for z in brain_slices(mask)]
-    return sum(len(range(bx.stop - bx.start)[sx]) * len(range(by.stop - by.start)[sy]) for sx, sy in boxes)
-
-
 def extrapolate(timings: dict, full_mask, cut_mask, whole_volume: dict) -> tuple[dict, dict]:
     """Whole-brain stages from a run on some slices, and the factors used.
 
     Per-slice stages scale with the pixels the network sees: the sum over brain slices of each
-    slice's own box (:func:`~qid2_diffusers.upsampling.brain_slice_box`);
+    slice's own box (:func:`~qid2_diffusers.upsampling.network_pixels`);
     ``whole_volume`` holds the stages timed apart on the whole brain (mask, prior fit).
     """
     factors = dict(slices=len(brain_slices(full_mask)) / len(brain_slices(cut_mask)),
-                   pixels=pass_pixels(full_mask) / pass_pixels(cut_mask))
+                   pixels=network_pixels(full_mask) / network_pixels(cut_mask))
     whole = dict(timings)
     for stage in PER_SLICE_STAGES:
         if stage in whole:

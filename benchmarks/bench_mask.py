@@ -7,7 +7,8 @@ The mean b0 is that of the brain phantom ``bench_gpu_volume.py`` up-samples (see
 Printed: seconds (best of ``--repeat``) of dipy's ``median_otsu`` with the package's settings (radius
 5 mm / voxel size, one pass, ``finalize_mask``) and of ``brain_mask`` with each worker count, the speed-up
 over dipy, and whether the masks are identical (they must be: the median filter is split along z with a
-halo, nothing is approximated).
+halo, nothing is approximated); then the pixels the network sees per target on that mask, with one box for
+the volume and with each slice cropped to its own box (what ``SliceUpsampler`` does).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main():
     from qid2_diffusers.data.phantom import make_subject
     from qid2_diffusers.gradients import split_scheme
     from qid2_diffusers.masking import MEDIAN_RADIUS_MM, brain_mask
+    from qid2_diffusers.upsampling import brain_slices, network_pixels
 
     start = time.perf_counter()
     subject = make_subject(args.seed, resolution=args.resolution, slab=None)
@@ -56,6 +58,10 @@ def main():
         seconds, mask = best_of(args.repeat, lambda: brain_mask(b0, voxel, workers=workers))
         print(f"brain_mask, {workers} worker(s): {seconds:.1f} s, {dipy_s / seconds:.2f}x dipy's speed, "
               f"mask identical: {bool(np.array_equal(mask, expected))}")
+
+    volume_box, per_slice = network_pixels(expected, slice_boxes=False), network_pixels(expected)
+    print(f"network pixels per target over {len(brain_slices(expected))} brain slices: volume box {volume_box}, per-slice boxes "
+          f"{per_slice} ({1 - per_slice / volume_box:.0%} fewer)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .gradients import as_bvals_bvecs, is_gradient_table, split_scheme, target_d
 from .tensor import TensorPrior
 from .timing import timed
 
-__all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "brain_slice_box", "fit_prior", "sample_seed"]
+__all__ = ["VolumeUpsampler", "SliceUpsampler", "brain_slices", "brain_bounding_box", "brain_slice_box", "network_pixels", "fit_prior", "sample_seed"]
 
 
 class VolumeUpsampler:
@@ -102,6 +102,17 @@ def brain_slice_box(mask: np.ndarray, z: int) -> tuple[slice, slice]:
     what :class:`SliceUpsampler` crops each slice to."""
     bx, by = brain_bounding_box(mask)
     return brain_bounding_box(np.asarray(mask, dtype=bool)[bx, by, z][..., None])
+
+
+def network_pixels(mask: np.ndarray, slice_boxes: bool = True) -> int:
+    """Pixels a :class:`SliceUpsampler` feeds the network per target: over the brain slices, each slice's
+    own box (:func:`brain_slice_box`), or the volume's box for every slice when ``slice_boxes`` is `False`."""
+    bx, by = brain_bounding_box(mask)
+    width, height = range(bx.stop - bx.start), range(by.stop - by.start)
+    slices = brain_slices(mask)
+    if not slice_boxes:
+        return len(slices) * len(width) * len(height)
+    return sum(len(width[sx]) * len(height[sy]) for sx, sy in (brain_slice_box(mask, z) for z in slices))
 
 
 def sample_seed(seed: int, target_index: int, slice_index: int, sample_index: int = 0) -> int:
