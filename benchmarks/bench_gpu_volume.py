@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu_volume.py --json gpu.json                  # the shipped model, on cuda
     python benchmarks/bench_gpu_volume.py --stand-in --adapt-steps 150     # the model being trained, adapting
+    python benchmarks/bench_gpu_volume.py --stand-in --attention coarse --residual-weight 1   # the retrain's network
     python benchmarks/bench_gpu_volume.py --device cpu --threads 1 --slices 8 --json cpu.json
     python benchmarks/bench_gpu_volume.py --device cpu --resolution 5 --slab 3   # a toy run, to check the script
     python benchmarks/bench_gpu_volume.py --device cpu --denoise dwidenoise --json cpu-dwidenoise.json
@@ -13,19 +14,20 @@ written as a NIfTI with its bval/bvec; the 60 others are the targets. The
 timed run is what ``qid2 upsample`` does after loading the model: open the
 NIfTI, :func:`~qid2_diffusers.inference.upsample_dwi` with the model's
 defaults (sampler, steps, ``default_adapt_steps``; the brain mask from
-median_otsu, as without ``--mask``) and write the 108-volume output. Before
+``brain_mask`` (median_otsu's mask, threaded), as without ``--mask``) and write the 108-volume output. Before
 it, an untimed warm-up samples one slice (CUDA context, kernel choice; with
 ``--compile``, the compilation).
 
 ``--stand-in`` replaces the shipped model by a random one with the cost of
 the model being trained: the ``small`` preset with the physics prior and
-b-value tokens, DDIM, 1 step (speed does not depend on the weights).
+b-value tokens, cross-attention at ``--attention`` levels, DDIM, 1 step
+(speed does not depend on the weights).
 
 ``--slices K`` times every stage on K brain slices spread evenly through the
 brain and extrapolates to the whole brain, for machines where the whole
 subject takes too long: the read, the write and the rest are measured whole
 (the output's other slices are filled with input volumes first, so the gzip
-write compresses realistic data, not zeros); the mask (median_otsu) and the
+write compresses realistic data, not zeros); the mask (``brain_mask``) and the
 prior's tensor fit are timed on the whole volume, apart (a fit's fixed costs
 do not scale with voxels); the per-slice stages (prior predictions, batching,
 sampling) are scaled by the pixels the network sees (each brain slice's own box,
@@ -61,7 +63,7 @@ from qid2_diffusers.evaluation.report import write_json
 from qid2_diffusers.example import make_example
 from qid2_diffusers.hub import compile_unet, load_pipeline, select_device
 from qid2_diffusers.inference import auto_batch_size, upsample_dwi
-from qid2_diffusers.models.unet import unet_forward
+from qid2_diffusers.models.unet import ATTENTION, unet_forward
 from qid2_diffusers.pipelines import QID2Upsampler
 from qid2_diffusers.schedulers import make_scheduler
 from qid2_diffusers.timing import format_timings
@@ -91,7 +93,8 @@ def reset_peak_rss() -> None:
 
 def make_pipeline(args, device):
     if args.stand_in:
-        pipe = build_pipeline("small", 3, physics_prior=True, bval_conditioning=True, default_num_inference_steps=1)
+        pipe = build_pipeline("small", 3, physics_prior=True, bval_conditioning=True, default_num_inference_steps=1,
+                              attention=args.attention)
         pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
@@ -172,6 +175,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder or Hub id (default: the shipped model)")
     ap.add_argument("--stand-in", action="store_true", help="a random model with the cost of the one being trained")
+    ap.add_argument("--attention", default="every", choices=ATTENTION,
+                    help="the stand-in's cross-attention levels (train_qid2.py --attention; default: %(default)s)")
     ap.add_argument("--adapt-steps", type=int, help="test-time adaptation steps (default: the model's default)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="as qid2 upsample --dtype")
@@ -199,7 +204,7 @@ def main():
         print(f"wrote a {'x'.join(map(str, shape[:3]))} phantom, {shape[3]} volumes, in {time.perf_counter() - start:.0f} s")
         pipe = make_pipeline(args, device)
 
-        # The brain mask the run computes (median_otsu), in the file's orientation: it sets the
+        # The brain mask the run computes (``brain_mask``), in the file's orientation: it sets the
         # crop and the warm-up's slice, and in --slices mode the slices kept and the mask's time.
         probe = {}
         dwi = load_dwi(paths[0], paths[1], paths[2])
@@ -238,7 +243,7 @@ def main():
     measured_slices = len(brain_slices(full_mask if cut_mask is None else cut_mask))
     row = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)",
-        threads=torch.get_num_threads(), model="stand-in (small, prior, b tokens, DDIM 1 step)" if args.stand_in
+        threads=torch.get_num_threads(), model=f"stand-in (small, prior, b tokens, attention {args.attention}, DDIM 1 step)" if args.stand_in
         else str(args.model or "shipped"), dtype=args.dtype, compiled=bool(args.compile),
         shape=list(shape[:3]), volumes_in=volumes_in, volumes_out=n_volumes, targets=int(len(targets)),
         brain_slices=len(brain_slices(full_mask)), crop=list(crop), batch_size=int(batch),

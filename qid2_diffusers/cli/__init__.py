@@ -78,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qid2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down the process group of an ``accelerate launch`` run before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads can be destroyed while still joinable, and a
+    worker that had finished its share aborted ("terminate called without an active exception",
+    SIGABRT), failing the whole launch. No barrier: a process leaving on an input error must not
+    wait for one that never reaches it.
+    """
+    distributed = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
