@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
-# Everything behind the shipped weights and the published figures, in one run:
-# phantom cohorts (train / validation / held-out test), QID² at R = 3 and 6,
-# cGAN and qGAN trained side by side, then the Table 1 benchmark, the
-# sampler sweep and the GPU throughput benchmark. Run it on one GPU:
+# The retrain behind the shipped weights and the decision table, in one run,
+# with the shipped recipe (BENCHMARK.md, model cards): domain-randomised
+# phantoms, physics prior, b-value tokens, three shells; QID² at R = 3 and 6
+# with the network chosen on short runs (--attention coarse), cGAN and qGAN
+# with the same data and step plan, trained side by side; then the decision
+# table's columns (held-out randomised and multi-tensor phantoms, the real
+# crops) against MP-PCA + fit. On a lent GPU:
 #
-#   bash training/ship_weights.sh OUT_DIR [TRAIN_MINUTES]
+#   bash training/ship_weights.sh OUT_DIR [TRAIN_MINUTES] [TRAIN_STEPS]
 #
-# QID2_SHIP_SMOKE=1 runs the same steps at toy sizes on a CPU (a check of the
-# script, not of the model). Each training run records its own command line
-# in OUT_DIR/<model>/README.md (model card) and training_summary.json.
-# WORK (default OUT_DIR/data) holds the phantoms, caches and logs.
+# The GPU throughput benchmark runs first (a lease can end at any time): the
+# retrain's network (random weights, --stand-in --attention coarse) and the
+# shipped model on the HCP-grid subject. QID2_SHIP_SMOKE=1 runs every step at
+# toy sizes on a CPU (a check of the script, not of the models). Each training
+# run records its own command line in its model card (README.md) and
+# training_summary.json. WORK (default OUT_DIR/data) holds the phantoms,
+# caches and logs; PACK_DIR, if set, receives a tarball of each result as soon
+# as it exists; DEADLINE (seconds since the epoch) bounds the benchmarks.
+#
+# Through the `device` tool (15 minutes of GPU in all, 10 per command): make
+# the wheels here (`bash scripts/device_wheels.sh`), then one run with carry
+# [".whl", "tests/data/real/mdt_b1k_b2k"] that starts the script detached and
+# waits, so what is packed comes back even if the command hits its limit:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD DEADLINE=$(( $(date +%s) + 540 )) PACK_DIR=$OUT
+#   setsid bash training/ship_weights.sh runs/ship 4 > $OUT/ship.log 2>&1 & sleep 560
 set -euo pipefail
 REPO=$(realpath "$(dirname "$0")/..")
 # Every command runs from the repository, with its folders relative to it: the
 # cards record the commands as run, and a machine's absolute paths mean nothing to a reader.
-OUT_ARG=${1:?usage: ship_weights.sh OUT_DIR [TRAIN_MINUTES]}
+OUT_ARG=${1:?usage: ship_weights.sh OUT_DIR [TRAIN_MINUTES] [TRAIN_STEPS]}
 OUT=$(realpath -m --relative-to="$REPO" "$OUT_ARG")
 WORK=$(realpath -m --relative-to="$REPO" "${WORK:-$OUT_ARG/data}")
-MINUTES=${2:-4.5}
+MINUTES=${2:-6}
+STEPS=${3:-3000}
 PY=${PYTHON:-python3}
 cd "$REPO"
 mkdir -p "$OUT" "$WORK"
@@ -27,82 +43,95 @@ qid2() { "$PY" -m qid2_diffusers.cli "$@"; }
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 
 if [[ "${QID2_SHIP_SMOKE:-0}" == 1 ]]; then
-  N_TRAIN=2; N_VAL=1; N_TEST=3; SLAB="--slab 3"; PRESET=tiny; TRAIN_ARGS=(--max_train_steps 4 --train_batch_size 4)
-  SWEEP=(--sweep-steps 2); REF_STEPS=3; SWEEP_SLICES=1; BENCH_SIZE=(--shape 24 28 6); GPU=cpu
+  N_TRAIN=2; N_TEST=2; SLAB=3; TEST_SLAB=3; PRESET=tiny; STEPS=4; CROP=16; BATCH=4; WORKERS=0; GPU=cpu
+  BENCH_SIZE=(--resolution 5 --slab 3)
 else
-  N_TRAIN=24; N_VAL=2; N_TEST=3; SLAB=""; PRESET=small; TRAIN_ARGS=(--max_train_steps 200000 --train_batch_size 64 --allow_tf32)
-  SWEEP=(--sweep-steps 1,2,5,10,20,50); REF_STEPS=1000; SWEEP_SLICES=4; BENCH_SIZE=(); GPU=cuda
+  N_TRAIN=24; N_TEST=3; SLAB=24; TEST_SLAB=8; PRESET=small; CROP=48; BATCH=16; WORKERS=3; GPU=cuda
+  BENCH_SIZE=()
 fi
 JOBS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
-
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
-
-# DEADLINE (seconds since the epoch) bounds the optional last step; PACK_DIR,
-# if set, receives tarballs of the models and results as soon as each exists
-# (a GPU lease can end before the script does).
 DEADLINE=${DEADLINE:-$(( $(date +%s) + 86400 ))}
-pack() { [[ -n "${PACK_DIR:-}" ]] && tar czf "$PACK_DIR/$1.tgz" -C "$OUT" --exclude='checkpoint-*' --exclude=cache \
-    --exclude=logs --exclude=predictions "${@:2}" || true; }
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+left() { echo $(( DEADLINE - $(date +%s) )); }
+pack() { [[ -n "${PACK_DIR:-}" ]] && tar czf "$PACK_DIR/$1.tgz" -C "$OUT" --exclude='checkpoint-*' --exclude=data \
+    --exclude='runs' "${@:2}" || true; }
 
-stamp "phantoms: $N_TRAIN train, $N_VAL validation, $N_TEST test (2.5 mm)"
-qid2 phantom --out "$WORK/train" --subjects "$N_TRAIN" --seed 1000 --jobs "$JOBS" --quiet $SLAB
-qid2 phantom --out "$WORK/val" --subjects "$N_VAL" --seed 2000 --jobs "$JOBS" --quiet $SLAB
-qid2 phantom --out "$WORK/test" --subjects "$N_TEST" --seed 3000 --jobs "$JOBS" --quiet $SLAB
+stamp "GPU throughput first: the retrain's network and the shipped model, one HCP-grid subject each"
+for model in "--stand-in --attention coarse --residual-weight 1:coarse-w1" "--residual-weight 1:shipped-w1" ":shipped-default"; do
+  timeout 150 $PY benchmarks/bench_gpu_volume.py "${BENCH_SIZE[@]}" --device $GPU ${model%%:*} \
+      --json "$OUT/throughput-${model##*:}.json" > "$OUT/throughput-${model##*:}.txt" 2>&1 || true
+done
+pack throughput $(cd "$OUT" && ls throughput-*)
 
-# One cache for the four runs: build_cache lets concurrent builders agree.
-common=(--data_dir "$WORK/train" --validation_data_dir "$WORK/val" --cache_dir "$WORK/cache" --preset "$PRESET" --learning_rate 2e-4
-        --max_train_time_minutes "$MINUTES" "${TRAIN_ARGS[@]}" --dataloader_num_workers 3 --report_to tensorboard)
-stamp "training 4 models side by side for $MINUTES min"
-$PY training/train_qid2.py --config small "${common[@]}" --R 3 \
-    --output_dir "$OUT/qid2-small-r3" > "$WORK/train-qid2-r3.log" 2>&1 &
-$PY training/train_qid2.py --config small "${common[@]}" --R 6 \
-    --output_dir "$OUT/qid2-small-r6" > "$WORK/train-qid2-r6.log" 2>&1 &
-$PY training/train_gan.py --model cgan "${common[@]}" --R 3 \
-    --output_dir "$OUT/cgan-small-r3" > "$WORK/train-cgan-r3.log" 2>&1 &
-$PY training/train_gan.py --model qgan "${common[@]}" --R 3 \
-    --output_dir "$OUT/qgan-small-r3" > "$WORK/train-qgan-r3.log" 2>&1 &
+stamp "phantoms: $N_TRAIN train, 2 validation, $N_TEST + $N_TEST held out (the data lines of the cards and BENCHMARK.md)"
+qid2 phantom --out "$WORK/rnd-train" --subjects "$N_TRAIN" --seed 1000 --randomize --slab $SLAB --jobs "$JOBS" --quiet
+qid2 phantom --out "$WORK/rnd-val" --subjects 2 --seed 2000 --randomize --slab $SLAB --jobs "$JOBS" --quiet
+qid2 phantom --out "$WORK/rnd-test8" --subjects "$N_TEST" --seed 3000 --randomize --slab $TEST_SLAB --jobs "$JOBS" --quiet
+qid2 phantom --out "$WORK/mt-test" --subjects "$N_TEST" --seed 3100 --simulator multitensor --shells 1000,2000,3000 \
+    --slab $TEST_SLAB --jobs "$JOBS" --quiet
+
+# The shipped recipe, with a step plan the cosine schedule decays over; the
+# wall-time budget only guards the lease (the last checkpoint is kept).
+recipe=(--data_dir "$WORK/rnd-train" --validation_data_dir "$WORK/rnd-val" --preset "$PRESET" --bval_conditioning
+        --shells 1000,2000,3000 --n_acquired 30,10,20 --validation_n_acquired 30 --crop_size $CROP --train_batch_size $BATCH
+        --learning_rate 2e-4 --lr_scheduler cosine --lr_warmup_steps 100 --max_train_steps "$STEPS"
+        --max_train_time_minutes "$MINUTES" --validation_steps 1000 --validation_num_slices 2 --checkpointing_steps 500
+        --dataloader_num_workers $WORKERS --report_to none
+        --data_description "$N_TRAIN domain-randomised phantoms, \`qid2 phantom --out rnd-train --subjects $N_TRAIN --seed 1000 --randomize --slab $SLAB\` (validation: the same with --subjects 2 --seed 2000)")
+qid2_recipe=(--config "$PRESET" --physics_prior --attention coarse --cache_dir "$WORK/cache" --timestep_bias_portion 0.75
+             --validation_num_inference_steps 1 --inference_scheduler ddim)
+gan_recipe=(--cache_dir "$WORK/cache-gan" --use_ema --ema_max_decay 0.999)
+stamp "training 4 models side by side: $STEPS steps or $MINUTES min"
+for R in 3 6; do
+  $PY training/train_qid2.py "${qid2_recipe[@]}" "${recipe[@]}" --R $R --output_dir "$OUT/runs/qid2-r$R" \
+      > "$WORK/train-qid2-r$R.log" 2>&1 &
+done
+for gan in cgan qgan; do
+  $PY training/train_gan.py --model $gan "${gan_recipe[@]}" "${recipe[@]}" --R 3 --output_dir "$OUT/$gan-small-r3" \
+      > "$WORK/train-$gan-r3.log" 2>&1 &
+done
 fail=0
 for job in $(jobs -p); do wait "$job" || fail=1; done
 tail -n 3 "$WORK"/train-*.log
 (( fail == 0 )) || { stamp "a training run failed"; exit 1; }
+# A run becomes a shipped model by being re-saved in fp16 with the defaults
+# (test-time adaptation off) and scored on the validation subjects.
+for R in 3 6; do
+  $PY training/average_weights.py --inputs "$OUT/runs/qid2-r$R" --output_dir "$OUT/qid2-small-r$R" \
+      --validation_data_dir "$WORK/rnd-val" --cache_dir "$WORK/cache" --shells 1000,2000,3000 --n_acquired 30 \
+      --default_adapt_steps 0 > "$WORK/export-qid2-r$R.log" 2>&1
+  cp "$OUT/runs/qid2-r$R/README.md" "$OUT/runs/qid2-r$R/training_summary.json" "$OUT/qid2-small-r$R/"  # the run's card
+done
 pack models qid2-small-r3 qid2-small-r6 cgan-small-r3 qgan-small-r3
 
-stamp "Table 1 benchmark on $N_TEST held-out subjects, and the sampler sweep"
-# R = 3 and R = 6 as two processes: scoring is CPU-bound and the cores are there.
-qid2 benchmark --data "$WORK/test" --subjects "$N_TEST" --methods qid2,cgan,qgan,interp,dti,sh4 --R 3 \
-    --model "$OUT/qid2-small-r3" --cgan "$OUT/cgan-small-r3" --qgan "$OUT/qgan-small-r3" \
-    --batch-size 512 --no-progress --out "$OUT/benchmark-r3" > "$WORK/benchmark-r3.log" 2>&1 &
-bench3=$!
-qid2 benchmark --data "$WORK/test" --subjects "$N_TEST" --methods qid2,interp --R 6 --model "$OUT/qid2-small-r6" \
-    --batch-size 512 --no-progress --out "$OUT/benchmark-r6" > "$WORK/benchmark-r6.log" 2>&1 &
-bench6=$!
-# Few-step samplers against the paper's DDPM-1000, on a central slab of one subject.
-qid2 benchmark --data "$WORK/test" --subjects 1 --methods qid2 --R 3 --model "$OUT/qid2-small-r3" \
-    "${SWEEP[@]}" --sweep-schedulers ddim,dpm++,unipc --sweep-subjects 1 --sweep-slices $SWEEP_SLICES \
-    --batch-size 512 --no-progress --out "$OUT/sweep" > "$WORK/sweep.log" 2>&1 || true
-qid2 benchmark --data "$WORK/test" --subjects 1 --methods qid2 --R 3 --model "$OUT/qid2-small-r3" \
-    --sweep-steps $REF_STEPS --sweep-schedulers ddpm --sweep-subjects 1 --sweep-slices $SWEEP_SLICES \
-    --batch-size 512 --no-progress --out "$OUT/sweep-ddpm" > "$WORK/sweep-ddpm.log" 2>&1 || true
-wait "$bench3" || true
-wait "$bench6" || true
-tail -n 30 "$WORK"/benchmark-r*.log "$WORK"/sweep*.log
-# The speed issue's table and the default it implies (fewest passes within 5% of DDPM-1000's FA error).
-$PY benchmarks/steps_table.py "$OUT/sweep" "$OUT/sweep-ddpm" --reference "ddpm:$REF_STEPS" > "$OUT/steps_table.md" || true
-cat "$OUT/steps_table.md" || true
-cp "$WORK"/*.log "$OUT/"
-pack results benchmark-r3 benchmark-r6 sweep sweep-ddpm steps_table.md $(cd "$OUT" && ls *.log)
+stamp "the decision table's columns ($(left) s left)"
+# One process per column: scoring is CPU-bound, and the host's cores are there.
+D="$OUT/decision"; mkdir -p "$D"
+models=(--model "$OUT/qid2-small-r3" --cgan "$OUT/cgan-small-r3" --qgan "$OUT/qgan-small-r3")
+methods=qid2,mppca+qid2,cgan,mppca+cgan,qgan,mppca+qgan,dti,mppca+dti,mppca+sh4
+for b in 1000 2000; do for data in rnd-test8:rnd mt-test:mt; do
+  timeout $(( $(left) > 60 ? $(left) : 60 )) \
+  $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --data "$WORK/${data%%:*}" --subjects "$N_TEST" --shell $b \
+      --R 3 --adapt-steps 0 --methods $methods --residual-weight auto,1 "${models[@]}" --out "$D/${data##*:}-b$b" \
+      > "$WORK/decision-${data##*:}-b$b.log" 2>&1 &
+done; done
+timeout $(( $(left) > 60 ? $(left) : 60 )) \
+$PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --real --R 3 --adapt-steps 0 --residual-weight auto,1 \
+    --methods $methods,sh2,mppca+sh2 "${models[@]}" --out "$D/real" > "$WORK/decision-real.log" 2>&1 &
+for b in 1000 2000; do
+  timeout $(( $(left) > 60 ? $(left) : 60 )) \
+  $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --data "$WORK/rnd-test8" --subjects "$N_TEST" --shell $b \
+      --R 6 --adapt-steps 0 --methods qid2,mppca+qid2,dti,mppca+dti --residual-weight auto,1 --model "$OUT/qid2-small-r6" \
+      --out "$D/rnd-b$b-r6" > "$WORK/decision-rnd-b$b-r6.log" 2>&1 &
+done
+for job in $(jobs -p); do wait "$job" || true; done
+args=(); for data in "rnd:randomised" "mt:multi-tensor"; do for b in 1000 2000; do
+  [[ -f "$D/${data%%:*}-b$b/results.json" ]] && args+=("${data#*:} b=$b=$D/${data%%:*}-b$b")
+  [[ -f "$D/${data%%:*}-b$b-r6/results.json" ]] && args+=("${data#*:} b=$b R=6=$D/${data%%:*}-b$b-r6")
+done; done
+real=(); [[ -f "$D/real/results.json" ]] && real=(--real "$D/real")
+$PY benchmarks/decision_table.py --baseline mppca+dti --phantoms "${args[@]}" "${real[@]}" --out "$D/decision.md" || true
 
-# Throughput last, alone on the GPU, with what time is left: speed does not
-# depend on the weights (random paper-preset network), only on the step count.
-left=$(( DEADLINE - $(date +%s) ))
-if (( left > 30 )); then
-  stamp "GPU throughput ($left s left)"
-  # The shipped pipeline's sampler and steps (the package default).
-  timeout $(( left < 150 ? left : 150 )) $PY benchmarks/bench_gpu_volume.py "${BENCH_SIZE[@]}" --device $GPU \
-      --json "$OUT/gpu_volume.json" 2>&1 | tee "$OUT/gpu_volume.txt" || true
-  left=$(( DEADLINE - $(date +%s) ))
-  (( left > 15 )) && timeout $(( left < 60 ? left : 60 )) $PY benchmarks/bench_network.py --device $GPU --dtype bf16 \
-      --batch 64 --repeats 5 --json "$OUT/network_gpu.json" 2>&1 | tee "$OUT/network_gpu.txt" || true
-  [[ -n "${PACK_DIR:-}" ]] && cp "$OUT"/gpu_volume.* "$OUT"/network_gpu.* "$PACK_DIR/" 2>/dev/null || true
-fi
+cp "$WORK"/*.log "$OUT/"
+pack results decision $(cd "$OUT" && ls *.log)
 stamp "done"
