@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     ap.add_argument("--scheduler", help="sampler (default: the model's)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    ap.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (as qid2 upsample --dtype)")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default: torch's choice)")
     ap.add_argument("--phantom", type=float, metavar="RES", help="a whole phantom subject at RES mm (2.5 or 1.25)")
     ap.add_argument("--phantom-slices", type=int, metavar="K",

@@ -61,7 +61,7 @@ from qid2_diffusers.data.series import read_series
 from qid2_diffusers.denoise import DEFAULT_DENOISE, DENOISERS, denoise_series
 from qid2_diffusers.evaluation.report import write_json
 from qid2_diffusers.example import make_example
-from qid2_diffusers.hub import compile_unet, load_pipeline, select_device
+from qid2_diffusers.hub import DTYPE_CHOICES, compile_unet, dtype_name, load_pipeline, select_device, select_dtype
 from qid2_diffusers.inference import auto_batch_size, upsample_dwi
 from qid2_diffusers.models.unet import ATTENTION, unet_forward
 from qid2_diffusers.pipelines import QID2Upsampler
@@ -97,7 +97,7 @@ def make_pipeline(args, device):
                               attention=args.attention)
         pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+        pipe = pipe.to(device, select_dtype(args.dtype, device))
         return compile_unet(pipe) if args.compile else pipe
     return load_pipeline(args.model, device=device, dtype=args.dtype, compile=args.compile)
 
@@ -179,7 +179,7 @@ def main():
                     help="the stand-in's cross-attention levels (train_qid2.py --attention; default: %(default)s)")
     ap.add_argument("--adapt-steps", type=int, help="test-time adaptation steps (default: the model's default)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="as qid2 upsample --dtype")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="as qid2 upsample --dtype (default: auto)")
     ap.add_argument("--batch-size", type=int, help="pairs per network call (default: qid2 upsample's automatic choice)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the U-Net (compiled in the warm-up)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -244,7 +244,7 @@ def main():
     row = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)",
         threads=torch.get_num_threads(), model=f"stand-in (small, prior, b tokens, attention {args.attention}, DDIM 1 step)" if args.stand_in
-        else str(args.model or "shipped"), dtype=args.dtype, compiled=bool(args.compile),
+        else str(args.model or "shipped"), dtype=dtype_name(pipe.unet.dtype), compiled=bool(args.compile),
         shape=list(shape[:3]), volumes_in=volumes_in, volumes_out=n_volumes, targets=int(len(targets)),
         brain_slices=len(brain_slices(full_mask)), crop=list(crop), batch_size=int(batch),
         scheduler=type(pipe.scheduler).__name__, steps=int(pipe.config.default_num_inference_steps),

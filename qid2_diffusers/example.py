@@ -121,7 +121,7 @@ def run_example(
     residual_weight=None,
     batch_size: int | None = None,
     device: str = "auto",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     compile: bool = False,
     seed: int = 0,
     slab: int = EXAMPLE_SLAB,

@@ -25,12 +25,16 @@ __all__ = [
     "model_num_references",
     "select_device",
     "select_dtype",
+    "dtype_name",
+    "native_bf16_cpu",
     "with_scheduler",
     "load_pipeline",
 ]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``--dtype`` choices: ``auto`` (the default) is bf16 on a CPU that multiplies bf16 natively, else fp32.
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 #: Files a saved QID² pipeline cannot load without; each model also needs its weights.
 MODEL_FILES = (
@@ -166,11 +170,34 @@ def select_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def select_dtype(name: str = "fp32") -> torch.dtype:
-    """The torch dtype for ``fp32``, ``fp16`` or ``bf16``."""
-    if name not in DTYPES:
-        raise QID2InputError(None, f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, as oneDNN checks it).
+
+    Elsewhere bf16 is emulated and slower than fp32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the check
+        return False
+
+
+def select_dtype(name: str = "auto", device: str | torch.device | None = "cpu") -> torch.dtype:
+    """The torch dtype for ``auto``, ``fp32``, ``fp16`` or ``bf16`` on ``device``.
+
+    ``auto`` is bf16 on a CPU with native bf16 and fp32 elsewhere: on the validation and held-out phantoms
+    and the real scans, bf16 left the FA error unchanged to the fifth decimal and cut the network's time by
+    a fifth on such a CPU (BENCHMARK.md, "Speed"); on GPUs it was not measured, so they keep fp32 unless told.
+    """
+    if name not in DTYPE_CHOICES:
+        raise QID2InputError(None, f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")
+    if name == "auto":
+        return torch.bfloat16 if select_device(device).type == "cpu" and native_bf16_cpu() else torch.float32
     return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32``, ``fp16`` or ``bf16`` for a torch dtype (what ``auto`` came out as, in summaries)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
 
 
 def with_scheduler(pipeline, name: str | None):
@@ -203,7 +230,7 @@ def load_pipeline(
     num_references: int | None = None,
     scheduler: str | None = None,
     device: str | torch.device = "auto",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     compile: bool = False,
 ):
     """A QID² pipeline ready to sample, on ``device`` in ``dtype``.
@@ -216,7 +243,8 @@ def load_pipeline(
             sampler saved with the model.
         device (`str` or `torch.device`, *optional*, defaults to `"auto"`):
             see :func:`select_device`.
-        dtype (`str`, *optional*, defaults to `"fp32"`): ``fp32``, ``fp16`` or ``bf16``.
+        dtype (`str`, *optional*, defaults to `"auto"`): ``auto``, ``fp32``, ``fp16`` or ``bf16``;
+            see :func:`select_dtype`.
         compile (`bool`, *optional*, defaults to `False`): ``torch.compile`` the
             U-Net (:func:`compile_unet`); pays off on a GPU over a whole subject.
 
@@ -232,8 +260,8 @@ def load_pipeline(
     # Cheap checks first: a typo in a flag must not cost a model load.
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise QID2InputError(None, f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-    torch_dtype = select_dtype(dtype)
     dev = select_device(device)
+    torch_dtype = select_dtype(dtype, dev)
     folder = resolve_model(model, num_references)
     pipe = QID2Pipeline.from_pretrained(str(folder), **{_dtype_keyword(): torch_dtype})
     pipe.set_progress_bar_config(disable=True)

@@ -118,6 +118,18 @@ def test_device_and_dtype_choice(tiny_model_dir):
     assert out.images.dtype == np.float32 and np.isfinite(out.images).all()
 
 
+def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16(tiny_model_dir, monkeypatch):
+    import qid2_diffusers.hub as hub
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(hub, "native_bf16_cpu", lambda native=native: native)
+        assert select_dtype("auto", "cpu") is expected
+        assert load_pipeline(tiny_model_dir, device="cpu").unet.dtype == expected  # auto is load_pipeline's default
+        assert select_dtype("fp32", "cpu") is torch.float32  # a named dtype is kept
+    with pytest.raises(QID2InputError, match="unknown dtype 'fp8'; choose from auto, fp32, fp16, bf16"):
+        load_pipeline(tiny_model_dir, device="cpu", dtype="fp8")
+
+
 def test_from_pretrained_hub_id_from_offline_cache(tmp_path, tiny_model_dir):
     """A pipeline in the Hugging Face cache layout loads by Hub id with HF_HUB_OFFLINE=1, identical to the folder."""
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -136,7 +148,7 @@ def test_from_pretrained_hub_id_from_offline_cache(tmp_path, tiny_model_dir):
             return pipe(refs, rb, tb, num_inference_steps=3, generator=torch.manual_seed(0)).images
         by_id = QID2Pipeline.from_pretrained("qid2-org/qid2-tiny")
         by_folder = QID2Pipeline.from_pretrained({str(tiny_model_dir)!r})
-        ours = load_pipeline("qid2-org/qid2-tiny", device="cpu")
+        ours = load_pipeline("qid2-org/qid2-tiny", device="cpu", dtype="fp32")  # from_pretrained loads fp32
         a, b, c = sample(by_id), sample(by_folder), sample(ours)
         assert np.array_equal(a, b) and np.array_equal(a, c), "outputs differ"
         assert str(ours.name_or_path).startswith({str(repo)!r}), ours.name_or_path

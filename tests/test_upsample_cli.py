@@ -12,6 +12,7 @@ from qid2_diffusers.cli import main
 from qid2_diffusers.inference import choose_targets, read_targets
 from qid2_diffusers.directions import angular_distance, uniform_directions
 from qid2_diffusers.errors import QID2InputError
+from qid2_diffusers.hub import native_bf16_cpu
 from qid2_diffusers.masking import brain_mask
 
 STEPS = ["--steps", "2", "--scheduler", "ddim"]
@@ -39,6 +40,8 @@ def test_real_crop_keeps_every_input_volume_and_appends_targets(crop, tmp_path, 
     assert "not denoised: MP-PCA needs patches" in warning[0] and "6x8x9" in warning[0]
     summary = captured.out.strip().splitlines()
     assert len(summary) == 2 and "5 targets" in summary[0] and "on cpu" in summary[0]
+    # --dtype auto, the default, says what it came out as on this CPU
+    assert f"on cpu ({'bf16' if native_bf16_cpu() else 'fp32'}, " in summary[0]
     assert summary[1].startswith("qid2 upsample: input not denoised")
 
     src = nib.load(crop["nii.gz"])

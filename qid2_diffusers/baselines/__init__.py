@@ -106,7 +106,7 @@ def make_upsampler(
     batch_size: int = 32,
     seed: int = 0,
     device=None,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     progress: bool = True,
 ):
     """Build an up-sampler by method name.
@@ -130,7 +130,8 @@ def make_upsampler(
         seed (`int`, *optional*, defaults to 0): sampling seed.
         device (`str` or `torch.device`, *optional*): see
             :func:`~qid2_diffusers.hub.select_device`; defaults to the best available.
-        dtype (`str`, *optional*, defaults to `"fp32"`): QID²'s network precision, ``fp32``, ``fp16`` or ``bf16``.
+        dtype (`str`, *optional*, defaults to `"auto"`): QID²'s network precision, ``auto``, ``fp32``, ``fp16`` or
+            ``bf16`` (:func:`~qid2_diffusers.hub.select_dtype`).
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
 
     Raises:

@@ -177,8 +177,9 @@ def add_parser(subparsers):
     )
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call (default: %(default)s)")
     p.add_argument("--device", help="torch device for learned methods (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="fp32", metavar="DTYPE",
-                   help="QID²'s network precision: fp32, fp16 or bf16 (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", metavar="DTYPE",
+                   help="QID²'s network precision: auto (bf16 on a CPU with native bf16, else fp32), fp32, fp16 or "
+                        "bf16 (default: %(default)s; runs recorded before auto existed ran fp32)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -168,7 +168,7 @@ class BenchmarkConfig:
     save_predictions: bool = False
     batch_size: int = 32
     device: str | None = None
-    dtype: str = "fp32"
+    dtype: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -225,7 +225,7 @@ class BenchmarkConfig:
         parts += ["--save-predictions"] if self.save_predictions else []
         parts += ["--batch-size", str(self.batch_size), "--seed", str(self.seed)]
         parts += ["--device", self.device] if self.device else []
-        parts += ["--dtype", self.dtype] if self.dtype != "fp32" else []
+        parts += ["--dtype", self.dtype] if self.dtype != "auto" else []
         return shlex.join(parts + ["--out", str(self.out)])
 
 
@@ -844,7 +844,10 @@ class _Benchmark:
                          "dipy's CSD (response from voxels with FA > 0.7 of the full acquisition) of the two "
                          f"series, in up to {MAX_CSD_VOXELS} voxels with FA > 0.2.")
         if self.sweep_pipeline is not None:
-            precision = "" if config.dtype == "fp32" else f", {config.dtype}"
+            from ..hub import dtype_name
+
+            precision = dtype_name(self.sweep_pipeline.unet.dtype)  # what auto came out as
+            precision = "" if precision == "fp32" else f", {precision}"
             notes.append(f"QID²: {sampler['scheduler']}, {sampler['steps']} steps{precision}, seed {config.seed}.")
         notes.append(f"FID: {FID_UNAVAILABLE}" if fid is None else "FID: pooled over the cases' brain slices.")
         return notes + [f"{row['label']}: {row['status']}" for row in self.rows if row["status"] != "ok"]
