@@ -494,7 +494,9 @@ def test_average_weights_is_the_mean_and_checks_its_inputs(tmp_path, training_co
         torch.testing.assert_close(shipped.unet.state_dict()[key], value, rtol=0, atol=0)
     # A physics-prior network is validated with its correction whole (VALIDATION_RESIDUAL_WEIGHT), not with
     # inference's "auto" weight, which drops an unproven correction and would score the bare tensor fit.
+    # (DDIM, 1 step: the fresh pipeline's own default is DDPM's 1000, minutes of sampling for nothing.)
     assert average_weights.main(["--inputs", str(tmp_path / "prior"), "--output_dir", str(tmp_path / "scored"),
+                                 "--inference_scheduler", "ddim", "--default_num_inference_steps", "1",
                                  "--validation_data_dir", str(training_cohort), "--cache_dir", str(tmp_path / "cache"),
                                  "--validation_num_slices", "1"]) == 0
     scored = json.loads((tmp_path / "scored" / "average_summary.json").read_text())["validation"]
