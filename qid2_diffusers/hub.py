@@ -184,9 +184,10 @@ def native_bf16_cpu() -> bool:
 def select_dtype(name: str = "auto", device: str | torch.device | None = "cpu") -> torch.dtype:
     """The torch dtype for ``auto``, ``fp32``, ``fp16`` or ``bf16`` on ``device``.
 
-    ``auto`` is bf16 on a CPU with native bf16 and fp32 elsewhere: on the validation and held-out phantoms
-    and the real scans, bf16 left the FA error unchanged to the fifth decimal and cut the network's time by
-    a fifth on such a CPU (BENCHMARK.md, "Speed"); on GPUs it was not measured, so they keep fp32 unless told.
+    ``auto`` is bf16 on a CPU with native bf16 and fp32 elsewhere: on the validation phantoms bf16 left the
+    FA error unchanged to the fifth decimal (held-out phantoms: ratios within 0.002; real scans: within 0.014)
+    and cut the network's time by a fifth on such a CPU (BENCHMARK.md, "Speed"); on GPUs it was not
+    measured, so they keep fp32 unless told.
     """
     if name not in DTYPE_CHOICES:
         raise QID2InputError(None, f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")

@@ -119,6 +119,18 @@ def multishell_training_cohort(tmp_path_factory) -> Path:
     return _write_cohort(tmp_path_factory.mktemp("multishell-training-cohort"), shells=(1000, 2000))
 
 
+def _free_port() -> int:
+    """A local TCP port free at the time of the call (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
+
+
 @pytest.fixture(scope="session")
 def accelerate_launch():
     """A function giving ``accelerate launch`` of two CPU processes running ``python -m qid2_diffusers.cli``
@@ -128,9 +140,7 @@ def accelerate_launch():
     """
 
     def command() -> list[str]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()
         return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(port), "-m", "qid2_diffusers.cli"]

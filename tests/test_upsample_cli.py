@@ -172,16 +172,12 @@ def test_two_accelerate_processes_match_one(crop, tmp_path, tiny_model_dir, acce
         np.testing.assert_allclose(np.loadtxt(tmp_path / f"two{suffix}"), np.loadtxt(tmp_path / f"one{suffix}"))
 
 
-def test_the_command_closes_an_accelerate_process_group_even_after_an_input_error(crop, tmp_path, tiny_model_dir):
+def test_the_command_closes_an_accelerate_process_group_even_after_an_input_error(crop, tmp_path, tiny_model_dir,
+                                                                                 free_port):
     """A launched worker must not leave gloo's threads to interpreter shutdown (they aborted a finished worker)."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
     try:
         assert _upsample(crop, tmp_path / "out", tiny_model_dir, "--num-samples", "0") == 2
         assert not dist.is_initialized()

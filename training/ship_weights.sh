@@ -53,6 +53,7 @@ JOBS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 DEADLINE=${DEADLINE:-$(( $(date +%s) + 86400 ))}
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 left() { echo $(( DEADLINE - $(date +%s) )); }
+bounded() { timeout $(( $(left) > 60 ? $(left) : 60 )) "$@"; }  # a benchmark gets what is left of the lease, at least a minute
 pack() { [[ -n "${PACK_DIR:-}" ]] && tar czf "$PACK_DIR/$1.tgz" -C "$OUT" --exclude='checkpoint-*' --exclude=data \
     --exclude='runs' "${@:2}" || true; }
 
@@ -110,17 +111,14 @@ D="$OUT/decision"; mkdir -p "$D"
 models=(--model "$OUT/qid2-small-r3" --cgan "$OUT/cgan-small-r3" --qgan "$OUT/qgan-small-r3")
 methods=qid2,mppca+qid2,cgan,mppca+cgan,qgan,mppca+qgan,dti,mppca+dti,mppca+sh4
 for b in 1000 2000; do for data in rnd-test8:rnd mt-test:mt; do
-  timeout $(( $(left) > 60 ? $(left) : 60 )) \
-  $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --data "$WORK/${data%%:*}" --subjects "$N_TEST" --shell $b \
+  bounded $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --data "$WORK/${data%%:*}" --subjects "$N_TEST" --shell $b \
       --R 3 --adapt-steps 0 --methods $methods --residual-weight auto,1 "${models[@]}" --out "$D/${data##*:}-b$b" \
       > "$WORK/decision-${data##*:}-b$b.log" 2>&1 &
 done; done
-timeout $(( $(left) > 60 ? $(left) : 60 )) \
-$PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --real --R 3 --adapt-steps 0 --residual-weight auto,1 \
+bounded $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --real --R 3 --adapt-steps 0 --residual-weight auto,1 \
     --methods $methods,sh2,mppca+sh2 "${models[@]}" --out "$D/real" > "$WORK/decision-real.log" 2>&1 &
 for b in 1000 2000; do
-  timeout $(( $(left) > 60 ? $(left) : 60 )) \
-  $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --data "$WORK/rnd-test8" --subjects "$N_TEST" --shell $b \
+  bounded $PY -m qid2_diffusers.cli benchmark --no-progress --seed 0 --data "$WORK/rnd-test8" --subjects "$N_TEST" --shell $b \
       --R 6 --adapt-steps 0 --methods qid2,mppca+qid2,dti,mppca+dti --residual-weight auto,1 --model "$OUT/qid2-small-r6" \
       --out "$D/rnd-b$b-r6" > "$WORK/decision-rnd-b$b-r6.log" 2>&1 &
 done
