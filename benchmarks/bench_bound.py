@@ -4,8 +4,11 @@
     python benchmarks/bench_bound.py --threads 1 --stages cpu.json     # + a run's stages against the bound
     python benchmarks/bench_bound.py --profile                         # + where one network pass spends its time
     python benchmarks/bench_bound.py --attention coarse                # the network with coarse-only cross-attention
+    python benchmarks/bench_bound.py --attention coarse --compile --batches 1,4   # torch.compile'd (qid2 upsample --compile)
+    python benchmarks/bench_bound.py --attention coarse --dtype bf16   # network and bound in bf16 (--dtype auto on AVX-512 BF16)
 
-Measured with torch, fp32, at each thread count (``torch.set_num_threads``):
+Measured with torch, in ``--dtype`` (fp32 by default; matmul, conv and network alike), at each
+thread count (``torch.set_num_threads``):
 
 - **matmul**: a dense 2048 x 2048 product, the GEMM peak torch reaches here;
 - **conv**: ``conv2d`` of the network's costliest convolution at the crop size
@@ -15,6 +18,9 @@ Measured with torch, fp32, at each thread count (``torch.set_num_threads``):
   the physics prior and b-value tokens, the model being trained to ship) at
   several batch sizes; FLOPs counted by torch's ``FlopCounterMode``, so
   GFLOP/s = counted FLOPs / seconds, reported as a fraction of the conv bound.
+  With ``--compile`` the pass is ``torch.compile``'d as ``qid2 upsample --compile``
+  does (:func:`~qid2_diffusers.hub.compile_unet`, static shapes: one graph per
+  batch size, compiled in the warm-up call); FLOPs are counted on the eager pass.
 
 The conv figure is the bound: the network's FLOPs are almost all convolutions
 and linear layers of these widths, so a pass cannot run faster than its FLOPs
@@ -28,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -38,8 +42,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from qid2_diffusers import build_pipeline
+from qid2_diffusers.hub import DTYPES, compile_unet
 from qid2_diffusers.evaluation.report import write_json
 from qid2_diffusers.models.unet import ATTENTION, unet_forward
+from qid2_diffusers.threads import cpu_name
 from qid2_diffusers.timing import STAGES
 
 
@@ -62,13 +68,15 @@ def stand_in_network(attention: str = "every"):
 
 
 def network_pass(pipe, batch: int, size: tuple[int, int]):
-    """A closure running one forward pass as the pipeline does (channels_last input), and its FLOPs."""
-    c = pipe.unet.config.in_channels
-    x = torch.randn(batch, c, *size).contiguous(memory_format=torch.channels_last)
+    """A closure running one forward pass as the pipeline does (channels_last input, the network's dtype), and its
+    FLOPs."""
+    c, dtype = pipe.unet.config.in_channels, pipe.unet.dtype
+    x = torch.randn(batch, c, *size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 999)
     r = pipe.num_references
-    tokens = pipe.direction_encoder(torch.randn(batch, 3), torch.randn(batch, r, 3),
-                                    torch.full((batch,), 1000.0), torch.full((batch, r), 1000.0))
+    with torch.inference_mode():  # the encoder in its own dtype, its tokens cast to the U-Net's, as the pipeline does
+        tokens = pipe.direction_encoder(torch.randn(batch, 3), torch.randn(batch, r, 3), torch.full((batch,), 1000.0),
+                                        torch.full((batch, r), 1000.0)).to(dtype)
 
     def run():
         return unet_forward(pipe.unet, x, t, tokens)
@@ -100,30 +108,40 @@ def costliest_conv(pipe, size: tuple[int, int]) -> dict:
     return max(found, key=lambda d: d["flops"])
 
 
-def matmul_gflops(n: int, repeats: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int, repeats: int, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e9
 
 
-def conv_gflops(layer: dict, batch: int, repeats: int) -> float:
-    x = torch.randn(batch, layer["in_channels"], layer["height"], layer["width"]).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(layer["out_channels"], layer["in_channels"], layer["kernel"], layer["kernel"]).contiguous(
+def conv_gflops(layer: dict, batch: int, repeats: int, dtype=torch.float32) -> float:
+    x = torch.randn(batch, layer["in_channels"], layer["height"], layer["width"], dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(layer["out_channels"], layer["in_channels"], layer["kernel"], layer["kernel"], dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     with torch.inference_mode():
         seconds = median_seconds(lambda: F.conv2d(x, w, stride=layer["stride"], padding=layer["padding"]), repeats)
     return layer["flops"] * batch / seconds / 1e9
 
 
-def measure(threads: int, size, batches, repeats: int, attention: str = "every") -> dict:
+def measure(threads: int, size, batches, repeats: int, attention: str = "every", compile: bool = False,
+            dtype: str = "fp32") -> dict:
     """Every figure at one thread count."""
     torch.set_num_threads(threads)
     pipe = stand_in_network(attention)
+    if dtype != "fp32":
+        pipe.unet.to(dtype=DTYPES[dtype])
     layer = costliest_conv(pipe, size)
-    row = dict(threads=threads, attention=attention, matmul_gflops=matmul_gflops(2048, repeats), conv_layer=layer,
-               conv_gflops={}, network={})
+    row = dict(threads=threads, attention=attention, compiled=compile, dtype=dtype,
+               matmul_gflops=matmul_gflops(2048, repeats, DTYPES[dtype]), conv_layer=layer, conv_gflops={}, network={})
+    eager = pipe.unet
     for batch in batches:
-        row["conv_gflops"][batch] = conv_gflops(layer, batch, repeats)
+        row["conv_gflops"][batch] = conv_gflops(layer, batch, repeats, DTYPES[dtype])
+        pipe.unet = eager  # FLOPs are counted on the eager pass
         run, flops = network_pass(pipe, batch, size)
+        if compile:
+            # A fresh static-shape graph per batch size (a recompiled graph would turn dynamic and slower).
+            torch._dynamo.reset()
+            compile_unet(pipe, dynamic=False)
         with torch.inference_mode():
             seconds = median_seconds(run, repeats)
         row["network"][batch] = dict(gflop_per_slice=flops / batch / 1e9, ms_per_slice=1e3 * seconds / batch,
@@ -134,8 +152,9 @@ def measure(threads: int, size, batches, repeats: int, attention: str = "every")
 
 def print_row(row: dict) -> None:
     layer, bound = row["conv_layer"], row["bound_gflops"]
-    print(f"\n## {row['threads']} thread(s)")
-    print(f"matmul 2048^2 fp32: {row['matmul_gflops']:.1f} GFLOP/s")
+    dtype = row.get("dtype", "fp32")
+    print(f"\n## {row['threads']} thread(s), {dtype}{', torch.compile' if row.get('compiled') else ', eager'}")
+    print(f"matmul 2048^2 {dtype}: {row['matmul_gflops']:.1f} GFLOP/s")
     print(f"costliest conv: {layer['in_channels']}->{layer['out_channels']} {layer['kernel']}x{layer['kernel']} at "
           f"{layer['height']}x{layer['width']}, {layer['flops'] / 1e9:.3f} GFLOP per slice")
     print(f"{'batch':>5} {'conv GFLOP/s':>13} {'net GFLOP/slice':>16} {'net ms/slice':>13} {'net GFLOP/s':>12} "
@@ -168,12 +187,15 @@ def stage_table(stages: dict, rows: dict[int, dict]) -> list[dict]:
     return table
 
 
-def profile_pass(size, batch: int, threads: int, attention: str = "every") -> None:
+def profile_pass(size, batch: int, threads: int, attention: str = "every", dtype: str = "fp32") -> None:
     """Self CPU time per operator over a few passes: what a pass spends outside its convolutions."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
-    run, _ = network_pass(stand_in_network(attention), batch, size)
+    pipe = stand_in_network(attention)
+    if dtype != "fp32":
+        pipe.unet.to(dtype=DTYPES[dtype])
+    run, _ = network_pass(pipe, batch, size)
     with torch.inference_mode():
         run()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -194,22 +216,25 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also print the operators of a pass at batch 1")
     ap.add_argument("--attention", default="every", choices=ATTENTION,
                     help="the stand-in network's cross-attention levels (qid2_diffusers.models.unet.ATTENTION)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network as qid2 upsample --compile does")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="the network's and the bound's dtype (default: fp32; bf16 is what --dtype auto picks on a "
+                         "CPU with native bf16)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs visible, torch "
-          f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, crop {size[0]}x{size[1]}, fp32")
+    print(f"# {cpu_name()}, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, crop {size[0]}x{size[1]}, {args.dtype}")
     rows = {}
     for threads in (int(t) for t in args.threads.split(",")):
-        rows[threads] = measure(threads, size, batches, args.repeats, args.attention)
+        rows[threads] = measure(threads, size, batches, args.repeats, args.attention, args.compile, args.dtype)
         print_row(rows[threads])
-    result = dict(size=list(size), rows=list(rows.values()))
+    result = dict(cpu=cpu_name(), size=list(size), rows=list(rows.values()))
     if args.stages:
         with open(args.stages) as f:
             result["stages"] = stage_table(json.load(f), rows)
     if args.profile:
-        profile_pass(size, 1, min(rows), args.attention)
+        profile_pass(size, 1, min(rows), args.attention, args.dtype)
     if args.json:
         write_json(args.json, result)
 

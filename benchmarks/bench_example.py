@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qid2_diffusers.threads import cpu_name
+
 
 #: The child reports its own peak RSS (VmHWM, Linux) at exit. ru_maxrss from
 #: wait4 would also count the moment between fork and exec, when the child is
@@ -138,7 +140,7 @@ def main() -> None:
     for flag, value in (("--model", args.model), ("--steps", args.steps), ("--scheduler", args.scheduler)):
         if value is not None:
             extra += [flag, str(value)]
-    print(f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs visible"
+    print(f"# {cpu_name()}"
           f"{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory(prefix="qid2-bench-") as tmp:
         tmp = Path(tmp)

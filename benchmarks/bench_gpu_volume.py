@@ -66,6 +66,7 @@ from qid2_diffusers.inference import auto_batch_size, upsample_dwi
 from qid2_diffusers.models.unet import ATTENTION, unet_forward
 from qid2_diffusers.pipelines import QID2Upsampler
 from qid2_diffusers.schedulers import make_scheduler
+from qid2_diffusers.threads import cpu_name
 from qid2_diffusers.timing import format_timings
 from qid2_diffusers.upsampling import brain_bounding_box, brain_slices, fit_prior, network_pixels
 
@@ -147,15 +148,16 @@ def timed_run(pipe, paths, target_bvecs, out_prefix, args, full_mask, cut_mask):
     return result
 
 
-def extrapolate(timings: dict, full_mask, cut_mask, whole_volume: dict) -> tuple[dict, dict]:
+def extrapolate(timings: dict, full_mask, cut_mask, whole_volume: dict, slice_boxes: bool = True) -> tuple[dict, dict]:
     """Whole-brain stages from a run on some slices, and the factors used.
 
     Per-slice stages scale with the pixels the network sees: the sum over brain slices of each
-    slice's own box (:func:`~qid2_diffusers.upsampling.network_pixels`);
+    slice's own box, or of the volume's box when the upsampler crops every slice to it (``slice_boxes``
+    `False`: a compiled network; :func:`~qid2_diffusers.upsampling.network_pixels`);
     ``whole_volume`` holds the stages timed apart on the whole brain (mask, prior fit).
     """
     factors = dict(slices=len(brain_slices(full_mask)) / len(brain_slices(cut_mask)),
-                   pixels=network_pixels(full_mask) / network_pixels(cut_mask))
+                   pixels=network_pixels(full_mask, slice_boxes) / network_pixels(cut_mask, slice_boxes))
     whole = dict(timings)
     for stage in PER_SLICE_STAGES:
         if stage in whole:
@@ -243,6 +245,7 @@ def main():
     measured_slices = len(brain_slices(full_mask if cut_mask is None else cut_mask))
     row = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)",
+        cpu=cpu_name(),
         threads=torch.get_num_threads(), model=f"stand-in (small, prior, b tokens, attention {args.attention}, DDIM 1 step)" if args.stand_in
         else str(args.model or "shipped"), dtype=dtype_name(pipe.unet.dtype), compiled=bool(args.compile),
         shape=list(shape[:3]), volumes_in=volumes_in, volumes_out=n_volumes, targets=int(len(targets)),
@@ -257,7 +260,8 @@ def main():
     row["network_passes"] = pairs * row["steps"]
     if cut_mask is not None:
         row["measured"] = dict(slices=measured_slices, timings=timings)
-        timings, row["extrapolation_factors"] = extrapolate(timings, full_mask, cut_mask, whole_volume)
+        timings, row["extrapolation_factors"] = extrapolate(timings, full_mask, cut_mask, whole_volume,
+                                                            slice_boxes=QID2Upsampler(pipe).slice_boxes)
     row["timings"] = timings
     row["total_s"] = sum(timings.values())
     row["pairs_per_s"] = pairs / row["total_s"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 
 import torch
@@ -26,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from qid2_diffusers import build_pipeline
 from qid2_diffusers.evaluation.report import write_json
 from qid2_diffusers.models.unet import unet_forward
+from qid2_diffusers.threads import cpu_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,7 +64,7 @@ def main():
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     rows = []
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"# {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, {args.dtype}, batch {args.batch}")
     print(f"{'preset':8} {'size':>8} {'params':>10} {'GFLOP/slice':>12} {'ms/slice/pass':>14} {'TFLOP/s':>8} {'%peak':>6}")
     exact = dtype == torch.float32 and not args.compile

@@ -10,7 +10,30 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_workers", "z_blocks"]
+__all__ = ["cpu_name", "cpu_workers", "z_blocks"]
+
+
+def cpu_name() -> str:
+    """The CPU in words, for benchmark figures: the model name (with family and model numbers, which tell
+    generations apart when the name is as vague as ``AMD EPYC``), the architecture and the CPUs this
+    process may use, e.g. ``AMD EPYC (family 26, model 2), x86_64, 2 CPUs``. Speed figures differ between
+    machines of the same name by 2x and more, so every benchmark prints this."""
+    import platform
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():  # the first CPU's block is enough
+                    break
+    except OSError:  # not Linux
+        pass
+    name = fields.get("model name") or platform.processor() or "CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, {platform.machine()}, {cpu_workers()} CPUs"
 
 
 def cpu_workers() -> int:

@@ -105,3 +105,22 @@ def test_cpu_workers_obeys_omp_num_threads(monkeypatch):
         assert cpu_workers() >= 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert cpu_workers() >= 1
+
+
+def test_cpu_name_names_the_model_its_generation_and_the_cpus(monkeypatch, tmp_path):
+    """Benchmark figures name the CPU: 'AMD EPYC' alone covers generations 2x apart in speed, so the family
+    and model numbers from /proc/cpuinfo's first block follow the name."""
+    import builtins
+    import platform
+
+    from qid2_diffusers import threads
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: something else\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.cpu_name() == f"AMD EPYC (family 26, model 2), {platform.machine()}, 3 CPUs"
+    cpuinfo.write_text("")  # no cpuinfo fields (not Linux, or an unusual kernel): the platform's word for it
+    assert threads.cpu_name().endswith(f"{platform.machine()}, 3 CPUs")

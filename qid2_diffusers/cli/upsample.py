@@ -52,8 +52,9 @@ def add_model_arguments(p) -> None:
                         "(default: auto)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="base seed; same seed, same output (default: 0)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the network: about a minute once, then 1.3x faster per pass on a CPU "
-                        "(BENCHMARK.md, Speed); pays off over a whole subject")
+                   help="torch.compile the network, for GPUs: every slice is then cropped to the volume's brain box "
+                        "(one shape, one graph); on 2 CPU cores it was slower than the default eager run with "
+                        "per-slice boxes (BENCHMARK.md, Speed)")
 
 
 def add_parser(subparsers) -> None:

@@ -65,6 +65,7 @@ from .report import (
     write_text,
 )
 from .stats import paired_tests, summarize
+from ..threads import cpu_name
 
 __all__ = [
     "METRICS",
@@ -267,7 +268,7 @@ def _machine(device) -> dict:
 
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -118,6 +118,14 @@ class QID2Upsampler(SliceUpsampler):
         return float(self.timings.get("adaptation", 0.0))
 
     @property
+    def slice_boxes(self) -> bool:
+        """Per-slice brain boxes, except for a ``torch.compile``'d U-Net: every slice's box is another input
+        shape, and a compiled graph per shape cost far more than the pixels saved (on the HCP-grid phantom,
+        2 cores, fp32: sampling 1410 s compiled with per-slice boxes against 308 s eager; BENCHMARK.md), so a
+        compiled network sees the volume's box, one shape."""
+        return not hasattr(self.pipeline.unet, "_orig_mod")
+
+    @property
     def num_references(self) -> int:
         return self.pipeline.num_references
 

@@ -9,7 +9,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from .. import __version__
 from ..baselines import method_label
 from ..data.io import atomic_write
+from ..threads import cpu_name
 from .validation import VALIDATION_KEYS
 
 __all__ = [
@@ -194,7 +194,7 @@ def hardware(accelerator) -> str:
     """The machine in words, e.g. ``1 x NVIDIA H100 80GB HBM3`` or ``CPU: x86_64, 2 cores``."""
     if accelerator.device.type == "cuda":
         return f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
-    return f"CPU ({platform.machine()}, {os.cpu_count() or 1} cores)"
+    return f"CPU ({cpu_name()})"
 
 
 def format_duration(seconds: float) -> str:
