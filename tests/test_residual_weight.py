@@ -2,6 +2,7 @@
 the scan's own kept directions (``--residual-weight auto``) or fixed."""
 
 import numpy as np
+import torch
 import pytest
 
 from qid2_diffusers.pipelines import QID2Upsampler
@@ -80,3 +81,25 @@ def test_the_output_is_the_prior_plus_the_weighted_residual(scan, tiny_prior_mod
     # A model without the prior has no residual to weigh.
     with pytest.raises(ValueError, match="physics-prior"):
         residual_weight(tiny_pipeline, data, bvals, bvecs, mask)
+
+
+def test_gate_terms_score_the_residual_against_the_reference_given(scan, tiny_prior_model_dir):
+    """``gate_terms`` is ``residual_weight``'s least squares; with ``reference`` the error is taken against another
+    series' left-out volumes (``benchmarks/gate_reference.py``: raw against denoised)."""
+    from qid2_diffusers.hub import load_pipeline
+    from qid2_diffusers.pipelines.adaptation import GATE_DEFAULTS, gate_terms, leave_one_out_examples
+
+    data, bvals, bvecs, _, mask = scan
+    pipe = load_pipeline(tiny_prior_model_dir, scheduler="ddim")
+    examples = leave_one_out_examples(data, bvals, bvecs, mask, 3, physics_prior=True, **GATE_DEFAULTS)
+    residual, error, weights, groups = gate_terms(pipe, examples, num_inference_steps=1)
+    assert residual.shape == error.shape == weights.shape and len(np.unique(groups)) == GATE_DEFAULTS["max_directions"]
+    assert least_squares_weight(residual, error, weights, groups=groups) == pytest.approx(
+        residual_weight(pipe, data, bvals, bvecs, mask, num_inference_steps=1))
+    # A reference whose left-out volumes are the prior plus 0.4 of the network's residual: weight 0.4 exactly.
+    prior = examples["prior"][:, 0].numpy()
+    made = {**examples, "target": examples["target"].clone()}
+    made["target"][:, 0] = torch.from_numpy(prior + 0.4 * residual)
+    again, against, _, _ = gate_terms(pipe, examples, reference=made, num_inference_steps=1)
+    np.testing.assert_array_equal(again, residual)  # the prediction never sees the reference
+    assert least_squares_weight(again, against, weights, groups=groups) == pytest.approx(0.4, abs=1e-4)

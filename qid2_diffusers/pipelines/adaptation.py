@@ -30,7 +30,7 @@ from ..tensor import TensorPrior
 from ..upsampling import brain_bounding_box, brain_slices
 from .training_utils import QID2Denoiser, diffusion_loss, random_crops
 
-__all__ = ["adapt_pipeline", "leave_one_out_examples", "residual_weight", "least_squares_weight", "ADAPTATION_DEFAULTS", "GATE_DEFAULTS",
+__all__ = ["adapt_pipeline", "leave_one_out_examples", "residual_weight", "gate_terms", "least_squares_weight", "ADAPTATION_DEFAULTS", "GATE_DEFAULTS",
            "WEIGHT_SIGNIFICANCE", "MIN_RESIDUAL_WEIGHT"]
 
 #: Settings of the adaptation loop: those of the shipped training config
@@ -206,13 +206,26 @@ def residual_weight(pipeline, data, bvals, bvecs, mask, *, seed: int = 0, num_in
         batch_size (`int`, *optional*, defaults to 32): slices per network call.
         settings: overrides of :data:`GATE_DEFAULTS`.
     """
-    from ..upsampling import sample_seed
-
     if not pipeline.physics_prior:
         raise ValueError("a residual weight needs a physics-prior model (its output is prior + residual)")
     cfg = {**GATE_DEFAULTS, **settings}
     examples = leave_one_out_examples(data, bvals, bvecs, mask, pipeline.num_references, physics_prior=True,
                                       **cfg)
+    residual, error, weights, groups = gate_terms(pipeline, examples, seed=seed,
+                                                  num_inference_steps=num_inference_steps, batch_size=batch_size)
+    return least_squares_weight(residual, error, weights, groups=groups)
+
+
+def gate_terms(pipeline, examples, *, reference=None, seed: int = 0, num_inference_steps: int | None = None,
+               batch_size: int = 32):
+    """``(residual, error, mask, groups)`` of :func:`residual_weight`'s least squares: the network's residual over
+    the prior for each of ``examples`` (:func:`leave_one_out_examples`), the left-out volume minus the prior, the
+    brain mask, and each example's left-out direction (the jackknife's groups). ``reference``: examples with the
+    same slices and directions whose left-out volumes the error is taken against instead (e.g. the raw series'
+    when ``examples`` come from a denoised one; ``benchmarks/gate_reference.py``)."""
+    from ..upsampling import sample_seed
+
+    reference = examples if reference is None else reference
     # The examples are in reference-scale units; the pipeline normalises by the same scale (1 here),
     # so its output comes back in these units too.
     residual, error, weights = [], [], []
@@ -228,13 +241,13 @@ def residual_weight(pipeline, data, bvals, bvecs, mask, *, seed: int = 0, num_in
                        num_inference_steps=num_inference_steps, generator=gens, output_type="np").images
         prior = examples["prior"][rows, 0].numpy()
         residual.append(out - prior)
-        error.append(examples["target"][rows, 0].numpy() - prior)
+        error.append(reference["target"][rows, 0].numpy() - prior)
         weights.append(examples["mask"][rows, 0].numpy())
     # Examples come direction by direction (every slice of one left-out direction, then the next): the
     # directions are the independent units of the jackknife.
     directions = examples["target_bvec"].numpy()
     groups = np.r_[0, np.cumsum(np.any(directions[1:] != directions[:-1], axis=1))]
-    return least_squares_weight(*(np.concatenate(v) for v in (residual, error, weights)), groups=groups)
+    return (*(np.concatenate(v) for v in (residual, error, weights)), groups)
 
 
 #: A residual weight is kept only when it exceeds this many jackknife standard errors (over the left-out
