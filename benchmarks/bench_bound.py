@@ -60,11 +60,15 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def stand_in_network(attention: str = "every"):
+def stand_in_network(attention: str = "every", dtype: str = "fp32"):
     """The U-Net and direction encoder of the model being trained to ship (random weights: speed does not depend on
-    them), with direction tokens attended to at ``attention`` levels (:data:`~qid2_diffusers.models.unet.ATTENTION`)."""
-    return build_pipeline("small", 3, physics_prior=True, bval_conditioning=True, default_num_inference_steps=1,
+    them), with direction tokens attended to at ``attention`` levels (:data:`~qid2_diffusers.models.unet.ATTENTION`),
+    the U-Net in ``dtype`` (the encoder stays fp32; its tokens are cast, as in the pipeline)."""
+    pipe = build_pipeline("small", 3, physics_prior=True, bval_conditioning=True, default_num_inference_steps=1,
                           attention=attention)
+    if dtype != "fp32":
+        pipe.unet.to(dtype=DTYPES[dtype])
+    return pipe
 
 
 def network_pass(pipe, batch: int, size: tuple[int, int]):
@@ -127,9 +131,7 @@ def measure(threads: int, size, batches, repeats: int, attention: str = "every",
             dtype: str = "fp32") -> dict:
     """Every figure at one thread count."""
     torch.set_num_threads(threads)
-    pipe = stand_in_network(attention)
-    if dtype != "fp32":
-        pipe.unet.to(dtype=DTYPES[dtype])
+    pipe = stand_in_network(attention, dtype)
     layer = costliest_conv(pipe, size)
     row = dict(threads=threads, attention=attention, compiled=compile, dtype=dtype,
                matmul_gflops=matmul_gflops(2048, repeats, DTYPES[dtype]), conv_layer=layer, conv_gflops={}, network={})
@@ -192,10 +194,7 @@ def profile_pass(size, batch: int, threads: int, attention: str = "every", dtype
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
-    pipe = stand_in_network(attention)
-    if dtype != "fp32":
-        pipe.unet.to(dtype=DTYPES[dtype])
-    run, _ = network_pass(pipe, batch, size)
+    run, _ = network_pass(stand_in_network(attention, dtype), batch, size)
     with torch.inference_mode():
         run()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

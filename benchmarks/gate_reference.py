@@ -27,10 +27,8 @@ from qid2_diffusers.hub import load_pipeline
 from qid2_diffusers.pipelines import adaptation
 
 
-def gate_weights(pipe, examples, reference) -> tuple[float, float]:
-    """(gated, unclipped) least-squares weight of ``pipe``'s residual, predicted from ``examples``, against the
-    left-out volumes of ``reference``; the engine's seeds and batches (:func:`~qid2_diffusers.pipelines.adaptation.gate_terms`)."""
-    r, e, m, groups = adaptation.gate_terms(pipe, examples, reference=reference)
+def weights(r, e, m, groups) -> tuple[float, float]:
+    """(gated, unclipped) least-squares weight of the residual ``r`` against the error ``e`` inside ``m``."""
     r, e, m = (v.astype(np.float64) for v in (r, e, m))
     return adaptation.least_squares_weight(r, e, m, groups=groups), float(np.sum(m * r * e) / np.sum(m * r * r))
 
@@ -61,9 +59,13 @@ def main():
         built = {name: adaptation.leave_one_out_examples(series, bvals, bvecs, mask, 3, physics_prior=True,
                                                          **adaptation.GATE_DEFAULTS)
                  for name, series in (("denoised", den), ("raw", raw))}
+        # The error against the denoised left-out volumes, in gate_terms' row order; the network runs once per
+        # model (the engine's seeds and batches), its error taken against the raw left-out volumes.
+        denoised_error = (built["denoised"]["target"][:, 0] - built["denoised"]["prior"][:, 0]).numpy()
         for label, pipe in pipes.items():
-            for name, reference in built.items():
-                gated, free = gate_weights(pipe, built["denoised"], reference)
+            r, raw_error, m, groups = adaptation.gate_terms(pipe, built["denoised"], reference=built["raw"])
+            for name, e in (("denoised", denoised_error), ("raw", raw_error)):
+                gated, free = weights(r, e, m, groups)
                 print(f"{subject.subject_id} {label:8s} reference {name:8s}: gated weight {gated:.3f}, unclipped {free:+.3f}",
                       flush=True)
 

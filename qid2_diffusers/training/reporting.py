@@ -191,7 +191,8 @@ def dump_weights(accelerator, args, model: torch.nn.Module, ema=None) -> None:
 
 
 def hardware(accelerator) -> str:
-    """The machine in words, e.g. ``1 x NVIDIA H100 80GB HBM3`` or ``CPU: x86_64, 2 cores``."""
+    """The machine in words, e.g. ``1 x NVIDIA H100 80GB HBM3`` or ``CPU (AMD EPYC (family 26, model 2), x86_64, 2 CPUs)``
+    (:func:`~qid2_diffusers.threads.cpu_name`)."""
     if accelerator.device.type == "cuda":
         return f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
     return f"CPU ({cpu_name()})"
